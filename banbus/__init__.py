@@ -1,0 +1,51 @@
+"""banbus: an IP ban decided anywhere takes effect everywhere, within milliseconds.
+
+Each node embeds a :class:`Node`: a local ban cache (synchronous
+``is_banned``) kept in sync through a Redis stream, and a connection supervisor
+that cuts live connections from an address the moment it is banned.
+"""
+
+from __future__ import annotations
+
+from ._exceptions import (
+    BanbusError,
+    IncompatibleLibrary,
+    InvalidInput,
+    InvalidReason,
+    InvalidTarget,
+    InvalidTTL,
+    NodeClosed,
+    RedisUnavailable,
+    ServerError,
+    UnsafeBan,
+)
+from ._model import Allow, Ban, BanRecord, Disallow, Event, Unban, parse_ttl
+from ._node import Node, NodeStatistics
+from ._targets import Target, parse_target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Allow",
+    "Ban",
+    "BanRecord",
+    "BanbusError",
+    "Disallow",
+    "Event",
+    "IncompatibleLibrary",
+    "InvalidInput",
+    "InvalidReason",
+    "InvalidTTL",
+    "InvalidTarget",
+    "Node",
+    "NodeClosed",
+    "NodeStatistics",
+    "RedisUnavailable",
+    "ServerError",
+    "Target",
+    "Unban",
+    "UnsafeBan",
+    "__version__",
+    "parse_target",
+    "parse_ttl",
+]

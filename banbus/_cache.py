@@ -1,0 +1,422 @@
+"""The local ban state: a plain class, no Redis, no ``await``.
+
+Theory of operation
+-------------------
+
+:class:`BanCache` holds two :class:`_Table` s — bans and the allowlist — each an
+exact-address dict plus CIDR tables (one dict per prefix length in use, keyed
+by ``address >> host_bits``).  The I/O layer feeds it events (:meth:`apply`)
+and whole snapshots (:meth:`replace`); it answers :meth:`is_banned` without
+I/O.
+
+``is_banned(ip)`` takes the peer text exactly as a socket reports it.  A miss —
+the common case — costs one dict probe, and, only when IPv4 networks are
+banned, one ``inet_pton`` plus a probe of a 64 Ki-entry bitmap indexed by the
+address's /16 (a network marks every /16 it overlaps); only a marked /16 goes
+on to the per-prefix tables.  No ``ipaddress`` parsing on that path.  A hit
+then checks expiry against the (server) clock and the allowlist, which always
+wins.
+
+Expiry times are absolute server-clock milliseconds.  A hit is checked against
+the clock, so expiry is exact even if the sweep is late; the sweep
+(:meth:`expire`) reclaims memory from a per-second bucket wheel, which costs a
+pointer per ban instead of a heap entry.
+"""
+
+from __future__ import annotations
+
+import heapq
+import socket
+from array import array
+from typing import TYPE_CHECKING, Final, Literal
+
+from ._model import Allow, AnyEvent, Ban, BanRecord, Disallow, Entry, Unban
+from ._targets import normalize_peer
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+
+__all__ = ["BanCache"]
+
+_AF_INET: Final = socket.AF_INET
+_AF_INET6: Final = socket.AF_INET6
+_pton: Final = socket.inet_pton
+_from_bytes: Final = int.from_bytes
+_BUCKET_MS: Final = 1000
+
+
+def _split(target: str) -> tuple[int, int, int] | None:
+    """``(version, prefixlen, network int)`` for a CIDR target, None for an address.
+
+    Targets reaching the cache are canonical (validated upstream), so this is
+    cheap parsing, not validation.
+    """
+    address, slash, prefix = target.partition("/")
+    if not slash:
+        return None
+    if ":" in address:
+        return 6, int(prefix), _from_bytes(_pton(_AF_INET6, address))
+    return 4, int(prefix), _from_bytes(_pton(_AF_INET, address))
+
+
+class _Table:
+    """Exact addresses plus CIDR networks of one kind (bans or allowlist)."""
+
+    __slots__ = ("exact", "filter16", "nets", "v4", "v4_lengths", "v6", "v6_lengths")
+
+    def __init__(self) -> None:
+        self.exact: dict[str, Entry] = {}
+        #: CIDR target text -> entry (the authoritative map for networks).
+        self.nets: dict[str, Entry] = {}
+        #: prefix length -> {network >> host_bits: target text}
+        self.v4: dict[int, dict[int, str]] = {}
+        self.v6: dict[int, dict[int, str]] = {}
+        #: Prefix lengths in use, longest first (so a lookup finds the most specific).
+        self.v4_lengths: list[int] = []
+        self.v6_lengths: list[int] = []
+        #: How many IPv4 networks overlap each /16.
+        self.filter16 = array("L", bytes(65536 * array("L").itemsize))
+
+    def __len__(self) -> int:
+        return len(self.exact) + len(self.nets)
+
+    def get(self, target: str) -> Entry | None:
+        entry = self.exact.get(target)
+        return entry if entry is not None else self.nets.get(target)
+
+    def put(self, target: str, entry: Entry) -> bool:
+        """Store *entry*; True if *target* was not present before."""
+        if "/" not in target:
+            new = target not in self.exact
+            self.exact[target] = entry
+            return new
+        new = target not in self.nets
+        self.nets[target] = entry
+        if new:
+            split = _split(target)
+            assert split is not None
+            version, plen, network = split
+            if version == 4:
+                key = network >> (32 - plen)
+                self.v4.setdefault(plen, {})[key] = target
+                self._mark16(network, plen, 1)
+            else:
+                key = network >> (128 - plen)
+                self.v6.setdefault(plen, {})[key] = target
+            self._lengths()
+        return new
+
+    def remove(self, target: str) -> Entry | None:
+        if "/" not in target:
+            return self.exact.pop(target, None)
+        entry = self.nets.pop(target, None)
+        if entry is None:
+            return None
+        split = _split(target)
+        assert split is not None
+        version, plen, network = split
+        tables = self.v4 if version == 4 else self.v6
+        table = tables[plen]
+        del table[network >> ((32 if version == 4 else 128) - plen)]
+        if not table:
+            del tables[plen]
+            self._lengths()
+        if version == 4:
+            self._mark16(network, plen, -1)
+        return entry
+
+    def _mark16(self, network: int, plen: int, delta: int) -> None:
+        first = network >> 16
+        last = first if plen >= 16 else first + (1 << (16 - plen)) - 1
+        filt = self.filter16
+        for slot in range(first, last + 1):
+            filt[slot] += delta
+
+    def _lengths(self) -> None:
+        self.v4_lengths[:] = sorted(self.v4, reverse=True)
+        self.v6_lengths[:] = sorted(self.v6, reverse=True)
+
+    def match_v4(self, value: int) -> str | None:
+        """The most specific network containing the IPv4 *value*, or None."""
+        v4 = self.v4
+        for plen in self.v4_lengths:
+            target = v4[plen].get(value >> (32 - plen))
+            if target is not None:
+                return target
+        return None
+
+    def match_v6(self, value: int) -> str | None:
+        v6 = self.v6
+        for plen in self.v6_lengths:
+            target = v6[plen].get(value >> (128 - plen))
+            if target is not None:
+                return target
+        return None
+
+    def matches(self, ip: str) -> Iterator[str]:
+        """Every target (exact first, then networks, most specific first) covering *ip*."""
+        if ip in self.exact:
+            yield ip
+        try:
+            value = _from_bytes(_pton(_AF_INET, ip))
+        except OSError:
+            try:
+                value = _from_bytes(_pton(_AF_INET6, ip))
+            except OSError:
+                return
+            for plen in self.v6_lengths:
+                target = self.v6[plen].get(value >> (128 - plen))
+                if target is not None:
+                    yield target
+            return
+        if self.filter16[value >> 16]:
+            for plen in self.v4_lengths:
+                target = self.v4[plen].get(value >> (32 - plen))
+                if target is not None:
+                    yield target
+
+
+class BanCache:
+    """Bans and allowlist of one namespace, answering ``is_banned`` without I/O.
+
+    :param clock: returns the current *server* time in milliseconds (the node
+        passes its offset-corrected clock; tests pass a fake).
+    """
+
+    __slots__ = (
+        "_allow",
+        "_bans",
+        "_clock",
+        "_exact",
+        "_filter",
+        "_strings",
+        "_v4_lengths",
+        "_v6_lengths",
+        "_wheel",
+        "_wheel_heap",
+    )  # fmt: skip
+
+    def __init__(self, clock: Callable[[], int]) -> None:
+        self._clock = clock
+        self._bans = _Table()
+        self._allow = _Table()
+        # Bound once: the hot path reads these attributes, never chains them.
+        self._exact = self._bans.exact
+        self._filter = self._bans.filter16
+        self._v4_lengths = self._bans.v4_lengths
+        self._v6_lengths = self._bans.v6_lengths
+        #: expiry second -> ([ban targets], [allow targets]) due in it; swept by expire().
+        self._wheel: dict[int, tuple[list[str], list[str]]] = {}
+        self._wheel_heap: list[int] = []
+        #: Interned reason/origin strings: a million bans share a handful.
+        self._strings: dict[str, str] = {}
+
+    # -- hot path ------------------------------------------------------------------
+
+    def is_banned(self, ip: str) -> bool:
+        """True if *ip* (as a socket reports it) is banned and not allowlisted."""
+        if ip in self._exact:
+            return self._confirm(ip)
+        if self._v4_lengths:
+            try:
+                packed = _pton(_AF_INET, ip)
+            except OSError:
+                return self._slow(ip)
+            if self._filter[packed[0] << 8 | packed[1]]:
+                target = self._bans.match_v4(_from_bytes(packed))
+                return target is not None and self._confirm(target, ip)
+            return False
+        if ":" in ip:
+            return self._slow(ip)
+        return False
+
+    def _slow(self, ip: str) -> bool:
+        """IPv6, IPv4-mapped, zone ids and non-canonical text."""
+        peer = normalize_peer(ip)
+        if peer != ip:
+            return self.lookup(peer) is not None
+        if self._v6_lengths:
+            try:
+                value = _from_bytes(_pton(_AF_INET6, ip))
+            except OSError:
+                return False
+            target = self._bans.match_v6(value)
+            return target is not None and self._confirm(target, ip)
+        return False
+
+    def _confirm(self, target: str, ip: str | None = None) -> bool:
+        entry = self._bans.get(target)
+        if entry is None:
+            return False
+        if entry.expires and entry.expires <= self._clock():
+            return False
+        return not self._allowed(ip or target)
+
+    def _allowed(self, ip: str) -> bool:
+        allow = self._allow
+        if not allow:
+            return False
+        now = -1
+        for target in allow.matches(ip):
+            entry = allow.get(target)
+            if entry is None:
+                continue
+            if not entry.expires:
+                return True
+            if now < 0:
+                now = self._clock()
+            if entry.expires > now:
+                return True
+        return False
+
+    # -- queries ---------------------------------------------------------------------
+
+    def lookup(self, ip: str) -> BanRecord | None:
+        """The ban covering *ip* (exact first, then the most specific network).
+
+        None if *ip* is not banned, the ban expired, or *ip* is allowlisted.
+        """
+        peer = normalize_peer(ip)
+        now = self._clock()
+        for target in self._bans.matches(peer):
+            entry = self._bans.get(target)
+            if entry is None or (entry.expires and entry.expires <= now):
+                continue
+            if self._allowed(peer):
+                return None
+            return self._record(target, entry, "ban")
+        return None
+
+    def allowed(self, ip: str) -> bool:
+        """True if *ip* is covered by an active allowlist entry."""
+        return self._allowed(normalize_peer(ip))
+
+    def get(self, target: str, kind: Literal["ban", "allow"] = "ban") -> BanRecord | None:
+        """The active record stored for exactly *target* (canonical text)."""
+        entry = (self._bans if kind == "ban" else self._allow).get(target)
+        if entry is None or (entry.expires and entry.expires <= self._clock()):
+            return None
+        return self._record(target, entry, kind)
+
+    def records(self, kind: Literal["ban", "allow"] = "ban") -> Iterator[BanRecord]:
+        """Every active record of *kind* (a snapshot; safe to iterate while applying)."""
+        table = self._bans if kind == "ban" else self._allow
+        now = self._clock()
+        for source in (table.exact, table.nets):
+            for target, entry in list(source.items()):
+                if not entry.expires or entry.expires > now:
+                    yield self._record(target, entry, kind)
+
+    @staticmethod
+    def _record(target: str, entry: Entry, kind: Literal["ban", "allow"]) -> BanRecord:
+        return BanRecord(target, entry.expires, entry.reason, entry.origin, entry.seq, kind)
+
+    @property
+    def ban_count(self) -> int:
+        """Bans held (including expired ones the sweep has not reclaimed yet)."""
+        return len(self._bans)
+
+    @property
+    def allow_count(self) -> int:
+        return len(self._allow)
+
+    @property
+    def network_count(self) -> int:
+        return len(self._bans.nets)
+
+    # -- mutation ----------------------------------------------------------------------
+
+    def apply(self, event: AnyEvent) -> bool:
+        """Apply one event; True if it made *event.target* newly (or again) banned.
+
+        Idempotent: applying the same event twice leaves the same state.  A ban
+        whose expiry has already passed removes the target instead (the event
+        says "banned until then", and then is over).
+        """
+        if isinstance(event, Ban):
+            return self._store(True, event.target, event.expires, event.reason,
+                               event.origin, event.seq)  # fmt: skip
+        if isinstance(event, Allow):
+            self._store(False, event.target, event.expires, event.reason, event.origin,
+                        event.seq)  # fmt: skip
+            return False
+        if isinstance(event, Unban):
+            self._bans.remove(event.target)
+        elif isinstance(event, Disallow):
+            self._allow.remove(event.target)
+        return False
+
+    def put(self, kind: Literal["ban", "allow"], target: str, entry: Entry) -> bool:
+        """Store a decoded record (bootstrap); True if it is an active ban."""
+        return self._store(kind == "ban", target, entry.expires, entry.reason, entry.origin,
+                           entry.seq)  # fmt: skip
+
+    def _store(
+        self, ban: bool, target: str, expires: int, reason: str, origin: str, seq: int
+    ) -> bool:
+        table = self._bans if ban else self._allow
+        if expires and expires <= self._clock():
+            table.remove(target)
+            return False
+        strings = self._strings
+        if len(strings) < 65536:
+            reason = strings.setdefault(reason, reason)
+            origin = strings.setdefault(origin, origin)
+        table.put(target, Entry(expires, reason, origin, seq))
+        if expires:
+            bucket = expires // _BUCKET_MS
+            due = self._wheel.get(bucket)
+            if due is None:
+                due = self._wheel[bucket] = ([], [])
+                heapq.heappush(self._wheel_heap, bucket)
+            due[0 if ban else 1].append(target)
+        return ban
+
+    def replace(
+        self,
+        bans: Iterable[tuple[str, Entry]],
+        allows: Iterable[tuple[str, Entry]],
+    ) -> list[str]:
+        """Swap in a full snapshot (bootstrap/resync); return targets newly banned.
+
+        The new tables are built aside and swapped in one step, so ``is_banned``
+        never sees a half-loaded state.
+        """
+        fresh = BanCache(self._clock)
+        fresh._strings = self._strings
+        for target, entry in allows:
+            fresh.put("allow", target, entry)
+        old = self._bans
+        newly = [
+            target
+            for target, entry in bans
+            if fresh.put("ban", target, entry) and old.get(target) is None
+        ]
+        for name in self.__slots__:
+            setattr(self, name, getattr(fresh, name))
+        return newly
+
+    def clear(self) -> None:
+        self.replace((), ())
+
+    # -- expiry ------------------------------------------------------------------------
+
+    def next_expiry(self) -> int | None:
+        """Server ms at which :meth:`expire` next has work, or None."""
+        return (self._wheel_heap[0] + 1) * _BUCKET_MS if self._wheel_heap else None
+
+    def expire(self, now: int | None = None) -> int:
+        """Drop every entry expired at *now* (server ms); return how many."""
+        if now is None:
+            now = self._clock()
+        heap, wheel = self._wheel_heap, self._wheel
+        dropped = 0
+        while heap and (heap[0] + 1) * _BUCKET_MS <= now:
+            due = wheel.pop(heapq.heappop(heap))
+            for table, targets in ((self._bans, due[0]), (self._allow, due[1])):
+                for target in targets:
+                    entry = table.get(target)
+                    if entry is not None and entry.expires and entry.expires <= now:
+                        table.remove(target)
+                        dropped += 1
+        return dropped

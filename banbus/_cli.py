@@ -1,0 +1,341 @@
+"""The ``banbus`` command line (also ``python -m banbus``).
+
+Exit codes: 0 success (``check``: not banned), 1 ``check``: banned,
+2 error (bad input, Redis unreachable, server refused) — one line on stderr,
+nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import socket
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
+
+import msgspec
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+
+from ._exceptions import BanbusError, InvalidInput, RedisUnavailable
+from ._library import ensure_library, translate_error
+from ._model import (
+    BanRecord,
+    Entry,
+    check_reason,
+    decode_entry,
+    entry_decoder,
+    parse_ttl,
+)
+from ._node import namespace_keys
+from ._targets import parse_target
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine, Sequence
+
+__all__ = ["main"]
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+EXIT_OK, EXIT_BANNED, EXIT_ERROR = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="banbus",
+        description="Cluster-wide IP bans over Redis: ban, unban, allow, inspect, follow.",
+        epilog="Exit codes: 0 ok (check: not banned), 1 check: banned, 2 error.",
+    )
+    parser.add_argument(
+        "--redis", metavar="URL", default=os.environ.get("BANBUS_REDIS_URL", DEFAULT_URL),
+        help="Redis URL (env BANBUS_REDIS_URL; default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--namespace", "-n", default=os.environ.get("BANBUS_NAMESPACE", "banbus"),
+        help="namespace (env BANBUS_NAMESPACE; default %(default)s)",
+    )  # fmt: skip
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for name, text in (("ban", "ban an address or CIDR network everywhere"),
+                       ("allow", "allowlist an address or network (beats every ban)")):  # fmt: skip
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("target", help="IPv4/IPv6 address or CIDR network")
+        p.add_argument("--ttl", default="0", help="90s, 10m, 1h, 7d, 2w or seconds; 0 = permanent")
+        p.add_argument("--reason", default="", help="free text, at most 512 bytes")
+        p.add_argument("--force", action="store_true",
+                       help="accept a prefix wider than the minimum (never /0)")  # fmt: skip
+        p.add_argument("--replace", action="store_true",
+                       help="set the expiry exactly instead of keeping the later one")  # fmt: skip
+    for name, text in (("unban", "lift a ban (exactly this target)"),
+                       ("disallow", "remove an allowlist entry (exactly this target)")):  # fmt: skip
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("target")
+    p = sub.add_parser("list", help="list current bans and allowlist entries")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("check", help="is this IP banned? (exit 0 no, 1 yes, 2 error)")
+    p.add_argument("ip")
+    p = sub.add_parser("watch", help="follow the event stream live, one line per event")
+    p.add_argument("--from", dest="start", default="$",
+                   help="stream id to start after ('0' = from the beginning; default: new events)")  # fmt: skip
+    p.add_argument("--count", type=int, default=0, help="exit after this many events")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p = sub.add_parser("demo", help="run the live demo (3 nodes, a scanner, a ban)",
+                       add_help=False)  # fmt: skip
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if args_list and args_list[0] == "demo":
+        from ._demo import main as demo_main
+
+        return demo_main(args_list[1:])
+    args = parser.parse_args(args_list)
+    if args.command == "demo":  # `banbus --redis URL demo …`
+        from ._demo import main as demo_main
+
+        return demo_main(["--redis", args.redis, *args.rest])
+    try:
+        namespace_keys(args.namespace)
+        return asyncio.run(_run(args))
+    except KeyboardInterrupt:
+        return EXIT_OK if args.command == "watch" else 130
+    except BanbusError as exc:
+        print(f"banbus: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+async def _run(args: argparse.Namespace) -> int:
+    commands: dict[str, Callable[[aioredis.Redis, argparse.Namespace], Coroutine[Any, Any, int]]]
+    commands = {
+        "ban": _cmd_write, "allow": _cmd_write, "unban": _cmd_remove, "disallow": _cmd_remove,
+        "list": _cmd_list, "check": _cmd_check, "watch": _cmd_watch,
+    }  # fmt: skip
+    # Validate before connecting: bad input writes nothing and needs no server.
+    if args.command in ("ban", "allow"):
+        args.canonical = parse_target(args.target, force=args.force).text
+        args.seconds = parse_ttl(args.ttl)
+        args.reason = check_reason(args.reason)
+    elif args.command in ("unban", "disallow"):
+        args.canonical = parse_target(args.target, force=True).text
+    elif args.command == "check":
+        from ._targets import normalize_peer
+
+        target = parse_target(args.ip)
+        if target.is_network:
+            raise InvalidInput(f"check takes one address, not the network {target.text}")
+        args.canonical = normalize_peer(target.text)
+    try:
+        client = aioredis.Redis.from_url(args.redis, socket_timeout=10, socket_connect_timeout=5)
+    except ValueError as exc:
+        raise InvalidInput(f"invalid Redis URL {args.redis!r}: {exc}") from exc
+    try:
+        if args.command != "watch":
+            await ensure_library(client)
+        return await commands[args.command](client, args)
+    except redis_errors.ResponseError as exc:
+        raise translate_error(exc) from exc
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        raise RedisUnavailable(f"cannot reach Redis at {_safe_url(args.redis)}: {exc}") from exc
+    finally:
+        await client.aclose()
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
+async def _cmd_write(client: aioredis.Redis, args: argparse.Namespace) -> int:
+    extra = [*(["FORCE"] if args.force else []), *(["REPLACE"] if args.replace else [])]
+    reply = await client.fcall(  # type: ignore[misc]
+        f"banbus_{args.command}", 1, args.namespace, args.canonical, args.seconds, args.reason,
+        *extra, "ORIGIN", "cli",
+    )  # fmt: skip
+    seq, _sid, target, expires = reply
+    verb = "banned" if args.command == "ban" else "allowlisted"
+    print(f"{verb} {_s(target)} {_until(int(expires))} (seq {int(seq)})")
+    return EXIT_OK
+
+
+async def _cmd_remove(client: aioredis.Redis, args: argparse.Namespace) -> int:
+    reply = await client.fcall(  # type: ignore[misc]
+        f"banbus_{args.command}", 1, args.namespace, args.canonical, "ORIGIN", "cli"
+    )
+    seq = int(reply[0])
+    what = "ban on" if args.command == "unban" else "allowlist entry for"
+    if seq:
+        print(f"removed {what} {args.canonical} (seq {seq})")
+    else:
+        print(f"no {what} {args.canonical}; nothing to do")
+    return EXIT_OK
+
+
+async def _server_ms(client: aioredis.Redis) -> int:
+    seconds, micros = await client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def _records(client: aioredis.Redis, key: str, kind: str, now: int) -> list[BanRecord]:
+    out: list[BanRecord] = []
+    async for field, value in client.hscan_iter(key, count=5000):
+        target = _s(field)
+        try:
+            entry = entry_decoder.decode(value)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            print(f"banbus: warning: malformed record {key}[{target!r}] skipped",
+                  file=sys.stderr)  # fmt: skip
+            continue
+        if entry.expires and entry.expires <= now:
+            continue
+        out.append(BanRecord(target, entry.expires, entry.reason, entry.origin, entry.seq,
+                             "ban" if kind == "ban" else "allow"))  # fmt: skip
+    out.sort(key=lambda r: r.target)
+    return out
+
+
+async def _cmd_list(client: aioredis.Redis, args: argparse.Namespace) -> int:
+    keys = namespace_keys(args.namespace)
+    now = await _server_ms(client)
+    bans = await _records(client, keys["bans"], "ban", now)
+    allows = await _records(client, keys["allow"], "allow", now)
+    if args.json:
+        out = {"server_time_ms": now, "bans": bans, "allow": allows}
+        sys.stdout.write(msgspec.json.encode(out).decode() + "\n")
+        return EXIT_OK
+    _table(sys.stdout, "bans", bans, now)
+    _table(sys.stdout, "allowlist", allows, now)
+    return EXIT_OK
+
+
+def _table(out: TextIO, title: str, records: list[BanRecord], now: int) -> None:
+    out.write(f"{title} ({len(records)}):\n")
+    if not records:
+        return
+    width = max(len(r.target) for r in records)
+    for r in records:
+        left = "permanent" if not r.expires else f"{_duration((r.expires - now) / 1000)} left"
+        reason = f"  {json.dumps(r.reason, ensure_ascii=False)}" if r.reason else ""
+        out.write(f"  {r.target:<{width}}  {left:<16} by {r.origin or '?'}{reason}\n")
+
+
+def _candidates(ip: str) -> list[str]:
+    """*ip* and every network that could cover it, in canonical text."""
+    t = parse_target(ip)
+    bits = 32 if t.version == 4 else 128
+    out = [t.text]
+    for plen in range(bits - 1, 0, -1):
+        network = (t.value >> (bits - plen)) << (bits - plen)
+        width = 4 if t.version == 4 else 16
+        family = socket.AF_INET if t.version == 4 else socket.AF_INET6
+        out.append(f"{socket.inet_ntop(family, network.to_bytes(width, 'big'))}/{plen}")
+    return out
+
+
+async def _cmd_check(client: aioredis.Redis, args: argparse.Namespace) -> int:
+    keys = namespace_keys(args.namespace)
+    candidates = _candidates(args.canonical)
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.time()
+        pipe.hmget(keys["bans"], candidates)
+        pipe.hmget(keys["allow"], candidates)
+        (seconds, micros), bans, allows = await pipe.execute()
+    now = int(seconds) * 1000 + int(micros) // 1000
+
+    def active(values: list[bytes | None]) -> tuple[str, Entry] | None:
+        for target, value in zip(candidates, values, strict=True):
+            if value is None:
+                continue
+            try:
+                entry = entry_decoder.decode(value)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if not entry.expires or entry.expires > now:
+                return target, entry
+        return None
+
+    allowed, banned = active(allows), active(bans)
+    if banned is None:
+        print(f"{args.canonical} is not banned")
+        return EXIT_OK
+    target, entry = banned
+    if allowed is not None:
+        print(f"{args.canonical} is not banned: allowlisted by {allowed[0]} "
+              f"(ban {target} is overridden)")  # fmt: skip
+        return EXIT_OK
+    how = "" if target == args.canonical else f" by {target}"
+    reason = f", reason {json.dumps(entry.reason, ensure_ascii=False)}" if entry.reason else ""
+    print(f"{args.canonical} is banned{how} {_until(entry.expires, now)}{reason}")
+    return EXIT_BANNED
+
+
+async def _cmd_watch(client: aioredis.Redis, args: argparse.Namespace) -> int:
+    key = namespace_keys(args.namespace)["log"]
+    cursor = args.start
+    if cursor == "$":
+        last = await client.xrevrange(key, count=1)
+        cursor = _s(last[0][0]) if last else "0-0"
+    seen = 0
+    while True:
+        reply = await client.xread({key: cursor}, count=100, block=1000)
+        for _stream, entries in reply or ():
+            for entry_id, raw in entries:
+                cursor = _s(entry_id)
+                fields = {_s(k): _s(v) for k, v in raw.items()}
+                print(_event_line(cursor, fields, args.json), flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    return EXIT_OK
+
+
+def _event_line(entry_id: str, fields: dict[str, str], as_json: bool) -> str:
+    stamp = dt.datetime.fromtimestamp(int(entry_id.partition("-")[0]) / 1000, dt.UTC)
+    when = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        event = decode_entry(fields)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        if as_json:
+            return json.dumps({"id": entry_id, "malformed": str(exc), "fields": fields})
+        return f"{when}  {entry_id}  malformed entry skipped by nodes: {exc}  {fields}"
+    if as_json:
+        data = msgspec.to_builtins(event)
+        return json.dumps({"id": entry_id, "time": when, **data}, ensure_ascii=False)
+    op = type(event).__name__.lower()
+    parts = [when, f"{op:<8}", event.target]
+    expires = getattr(event, "expires", None)
+    if expires is not None:
+        parts.append(_until(expires, int(entry_id.partition("-")[0])))
+    reason = getattr(event, "reason", "")
+    if reason:
+        parts.append(f"reason={json.dumps(reason, ensure_ascii=False)}")
+    parts += [f"origin={event.origin or '?'}", f"seq={event.seq}"]
+    return "  ".join(parts)
+
+
+def _until(expires: int, now: int | None = None) -> str:
+    if not expires:
+        return "permanently"
+    stamp = dt.datetime.fromtimestamp(expires / 1000, dt.UTC).isoformat(timespec="seconds")
+    stamp = stamp.replace("+00:00", "Z")
+    if now is None:
+        return f"until {stamp}"
+    return f"until {stamp} ({_duration((expires - now) / 1000)})"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}{_duration(seconds % size) if seconds % size else ''}"
+    return f"{seconds}s"
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

@@ -1,0 +1,209 @@
+"""Events, records and the limits every entry point enforces.
+
+Stream entries are flat, human-readable field/value pairs, in this order::
+
+    op ban  target 203.0.113.7  expires 1795752049412  reason scanner
+    origin mx1  eid 3f2a…-17  seq 17
+
+``expires`` is an absolute time in milliseconds on the *server* clock
+(``TIME``), 0 for permanent; ``seq`` is the per-namespace sequence number the
+function library assigns; ``eid`` is a unique event id (the caller's
+idempotency key, or ``<epoch>-<seq>``).  Decoding validates types and sizes and
+ignores unknown fields, so nodes of different versions can share a stream
+(new fields get defaults and go last; types never change).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Final, Literal, TypeAlias
+
+import msgspec
+
+from ._exceptions import InvalidReason, InvalidTTL
+
+__all__ = [
+    "MAX_EID_BYTES",
+    "MAX_ORIGIN_BYTES",
+    "MAX_REASON_BYTES",
+    "MAX_TTL_SECONDS",
+    "Allow",
+    "Ban",
+    "BanRecord",
+    "Disallow",
+    "Entry",
+    "Event",
+    "Unban",
+    "check_origin",
+    "check_reason",
+    "decode_entry",
+    "parse_ttl",
+]
+
+MAX_REASON_BYTES: Final = 512
+MAX_ORIGIN_BYTES: Final = 64
+MAX_EID_BYTES: Final = 128
+#: Ten years: longer is a typo; use 0 for a permanent ban.
+MAX_TTL_SECONDS: Final = 10 * 365 * 86400
+#: Expiry times are server milliseconds; anything past year 2200 is garbage.
+_MAX_EXPIRES_MS: Final = 7_258_118_400_000
+
+_Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON_BYTES)]
+_Origin = Annotated[str, msgspec.Meta(max_length=MAX_ORIGIN_BYTES)]
+_Eid = Annotated[str, msgspec.Meta(max_length=MAX_EID_BYTES)]
+_Target = Annotated[str, msgspec.Meta(min_length=2, max_length=64)]
+_Expires = Annotated[int, msgspec.Meta(ge=0, le=_MAX_EXPIRES_MS)]
+_Seq = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="op"):
+    """One entry of the ``{ns}:log`` stream."""
+
+    target: _Target
+    origin: _Origin = ""
+    eid: _Eid = ""
+    seq: _Seq = 0
+
+
+class Ban(Event, tag="ban", frozen=True, kw_only=True):
+    """Ban *target* until *expires* (server ms; 0 = permanent)."""
+
+    expires: _Expires = 0
+    reason: _Reason = ""
+
+
+class Unban(Event, tag="unban", frozen=True, kw_only=True):
+    """Lift the ban on *target*."""
+
+
+class Allow(Event, tag="allow", frozen=True, kw_only=True):
+    """Allowlist *target* until *expires*; the allowlist beats every ban."""
+
+    expires: _Expires = 0
+    reason: _Reason = ""
+
+
+class Disallow(Event, tag="disallow", frozen=True, kw_only=True):
+    """Remove *target* from the allowlist."""
+
+
+AnyEvent: TypeAlias = Ban | Unban | Allow | Disallow
+
+
+class BanRecord(msgspec.Struct, frozen=True, gc=False):
+    """The current state of one ban (or allowlist entry), as ``lookup()`` returns it."""
+
+    target: str
+    #: Server-clock milliseconds; 0 = permanent.
+    expires: int
+    reason: str
+    origin: str
+    #: The sequence number of the event that last wrote it (0 = not yet published).
+    seq: int
+    kind: Literal["ban", "allow"] = "ban"
+
+
+# -- decoding --------------------------------------------------------------------
+
+
+def decode_entry(fields: dict[str, str]) -> AnyEvent:
+    """Validate one stream entry's fields and return its event.
+
+    :raises msgspec.ValidationError: a field is missing, mistyped or too large.
+    """
+    return msgspec.convert(fields, AnyEvent, strict=False)  # type: ignore[arg-type]
+
+
+class Entry(msgspec.Struct, array_like=True, gc=False):
+    """What the local cache keeps per target (48 bytes), and the stored hash value.
+
+    The ``{ns}:bans``/``{ns}:allow`` hash values are this struct as a JSON array,
+    ``[expires, reason, origin, seq]``, so a page of HSCAN decodes in one call.
+    """
+
+    expires: _Expires
+    reason: _Reason = ""
+    origin: _Origin = ""
+    seq: _Seq = 0
+
+
+#: Decodes a JSON array of stored values (one HSCAN page) in one C call.
+entries_decoder: Final = msgspec.json.Decoder(list[Entry])
+entry_decoder: Final = msgspec.json.Decoder(Entry)
+
+
+# -- argument checks shared by the API and the CLI --------------------------------
+
+_TTL_RE: Final = re.compile(r"^\s*(\d{1,12})\s*([smhdw]?)\s*$", re.IGNORECASE)
+_UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_ORIGIN_RE: Final = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def parse_ttl(value: int | float | str | None) -> int:
+    """Return a TTL in whole seconds (0 = permanent).
+
+    Accepts an int, a float with no fraction, or text like ``90``, ``90s``,
+    ``10m``, ``1h``, ``7d``, ``2w``, ``0``/``permanent``.
+
+    :raises InvalidTTL: negative, fractional, malformed or above ten years.
+    """
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise InvalidTTL(f"ttl must be a number of seconds, not {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise InvalidTTL(f"ttl must be whole seconds, not {value!r}")
+        value = int(value)
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str):
+        if value.strip().lower() in ("permanent", "forever", "never"):
+            return 0
+        match = _TTL_RE.match(value)
+        if match is None:
+            raise InvalidTTL(
+                f"ttl {value!r} is not a duration; use seconds or 90s, 10m, 1h, 7d, 2w "
+                "(0 = permanent)"
+            )
+        seconds = int(match[1]) * _UNITS[match[2].lower()]
+    else:
+        raise InvalidTTL(f"ttl must be a number of seconds, not {type(value).__name__}")
+    if seconds < 0:
+        raise InvalidTTL(f"ttl must not be negative (got {seconds}); use 0 for permanent")
+    if seconds > MAX_TTL_SECONDS:
+        raise InvalidTTL(
+            f"ttl {seconds}s is above the maximum of {MAX_TTL_SECONDS}s (10 years); "
+            "use 0 for a permanent ban"
+        )
+    return seconds
+
+
+def check_reason(reason: str | None) -> str:
+    """Return *reason* if it fits the limits.
+
+    :raises InvalidReason: not text, longer than 512 bytes (UTF-8) or with
+        control characters.
+    """
+    if reason is None:
+        return ""
+    if not isinstance(reason, str):
+        raise InvalidReason(f"reason must be text, not {type(reason).__name__}")
+    if len(reason.encode("utf-8", "surrogatepass")) > MAX_REASON_BYTES:
+        raise InvalidReason(f"reason is longer than {MAX_REASON_BYTES} bytes")
+    if _CONTROL_RE.search(reason):
+        raise InvalidReason("reason must not contain control characters (newlines, tabs …)")
+    return reason
+
+
+def check_origin(origin: str) -> str:
+    """Return *origin* (a node id) if it is 1–64 characters of ``[A-Za-z0-9._:@-]``.
+
+    :raises InvalidReason: otherwise.
+    """
+    if not isinstance(origin, str) or not _ORIGIN_RE.match(origin):
+        raise InvalidReason(
+            f"node id {origin!r} must be 1-64 characters of letters, digits and ._:@-"
+        )
+    return origin

@@ -1,0 +1,225 @@
+"""A minimal RESP2 client on an asyncio ``Protocol`` with the hiredis parser.
+
+The stream reader is the latency-critical path: a ban written on one node must
+reach the connection supervisor of every other node within a millisecond.
+redis-py's asyncio client costs a task switch, a ``StreamReader`` and a
+``wait_for`` per reply; this client parses inside ``data_received`` and hands
+each reply to an optional *sink* callback synchronously, so a ban is applied
+and live connections are aborted in the same event-loop callback that
+received the bytes.  It implements only what the reader needs: connect,
+AUTH/SELECT/CLIENT SETNAME, one command at a time, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as _ssl
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final
+
+import hiredis
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from redis.asyncio import Redis
+
+__all__ = ["RespConnection", "RespError", "ServerAddress", "address_of"]
+
+
+class RespError(Exception):
+    """An error reply from the server (``-ERR …``)."""
+
+
+class ServerAddress:
+    """Where and how to connect: host/port or unix path, credentials, db, TLS."""
+
+    __slots__ = ("db", "host", "password", "path", "port", "ssl", "username")
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        *,
+        path: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        db: int = 0,
+        ssl: _ssl.SSLContext | None = None,
+    ) -> None:
+        self.host, self.port, self.path = host, port, path
+        self.username, self.password, self.db, self.ssl = username, password, db, ssl
+
+    def __repr__(self) -> str:
+        where = self.path or f"{self.host}:{self.port}"
+        return f"ServerAddress({where!r}, db={self.db}, tls={self.ssl is not None})"
+
+
+def address_of(client: Redis) -> ServerAddress | None:
+    """Derive a :class:`ServerAddress` from a redis-py client's pool, or None.
+
+    None when the pool is not a plain TCP/unix/TLS pool (e.g. Sentinel), in
+    which case the caller falls back to redis-py for reading.
+    """
+    from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
+
+    pool = client.connection_pool
+    kwargs: dict[str, Any] = pool.connection_kwargs
+    cls = pool.connection_class
+    if kwargs.get("credential_provider") is not None:
+        return None
+    common = {
+        "username": kwargs.get("username"),
+        "password": kwargs.get("password"),
+        "db": int(kwargs.get("db") or 0),
+    }
+    if cls is UnixDomainSocketConnection or issubclass(cls, UnixDomainSocketConnection):
+        return ServerAddress(path=kwargs["path"], **common)
+    if cls is SSLConnection or issubclass(cls, SSLConnection):
+        context = _ssl.create_default_context(cafile=kwargs.get("ssl_ca_certs"))
+        if kwargs.get("ssl_certfile"):
+            context.load_cert_chain(kwargs["ssl_certfile"], kwargs.get("ssl_keyfile"))
+        reqs = kwargs.get("ssl_cert_reqs", "required")
+        if reqs in ("none", _ssl.CERT_NONE):
+            context.check_hostname = False
+            context.verify_mode = _ssl.CERT_NONE
+        else:
+            context.check_hostname = bool(kwargs.get("ssl_check_hostname", True))
+        return ServerAddress(kwargs.get("host", "localhost"), int(kwargs.get("port", 6379)),
+                             ssl=context, **common)  # fmt: skip
+    if cls is Connection or issubclass(cls, Connection):
+        return ServerAddress(kwargs.get("host", "localhost"), int(kwargs.get("port", 6379)),
+                             **common)  # fmt: skip
+    return None
+
+
+def _pack(args: tuple[bytes | str | int, ...]) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode()
+        elif isinstance(arg, int):
+            arg = b"%d" % arg
+        out.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
+_CLOSED: Final = ConnectionError("connection closed")
+
+
+class RespConnection(asyncio.Protocol):
+    """One connection, replies matched to requests in order."""
+
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader(encoding="utf-8", errors="replace",
+                                      replyError=RespError)  # fmt: skip
+        self._waiters: deque[tuple[asyncio.Future[Any], Callable[[Any], None] | None]] = deque()
+        self._transport: asyncio.Transport | None = None
+        self._lost: Exception | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        waiters = self._waiters
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self._fail(ConnectionError(f"RESP protocol error: {exc}"))
+                return
+            if reply is False:
+                return
+            if not waiters:  # unsolicited: the server is not speaking RESP2 to us
+                self._fail(ConnectionError("unexpected reply from server"))
+                return
+            future, sink = waiters.popleft()
+            if sink is not None and not isinstance(reply, RespError):
+                try:
+                    sink(reply)
+                except Exception as exc:  # the sink must not kill the connection
+                    if not future.done():
+                        future.set_exception(exc)
+                    continue
+            if not future.done():
+                if isinstance(reply, RespError):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc if exc is not None else ConnectionError("connection closed by server"))
+
+    def _fail(self, exc: Exception) -> None:
+        if self._lost is None:
+            self._lost = exc
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.abort()
+        while self._waiters:
+            future, _ = self._waiters.popleft()
+            if not future.done():
+                future.set_exception(ConnectionError(str(exc)))
+
+    # -- API -----------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, address: ServerAddress, *, name: str | None = None, timeout: float = 5.0
+    ) -> RespConnection:
+        """Connect, authenticate, select the db and name the client."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            if address.path:
+                _, proto = await loop.create_unix_connection(cls, address.path)
+            else:
+                _, proto = await loop.create_connection(
+                    cls, address.host, address.port, ssl=address.ssl,
+                    server_hostname=address.host if address.ssl else None,
+                )  # fmt: skip
+            try:
+                if address.password is not None:
+                    if address.username:
+                        await proto.call("AUTH", address.username, address.password)
+                    else:
+                        await proto.call("AUTH", address.password)
+                if address.db:
+                    await proto.call("SELECT", address.db)
+                if name:
+                    try:
+                        await proto.call("CLIENT", "SETNAME", name)
+                    except RespError:
+                        pass  # CLIENT may be denied by ACL; naming is a courtesy
+            except BaseException:
+                proto.close()
+                raise
+        return proto
+
+    @property
+    def is_open(self) -> bool:
+        return self._transport is not None and self._lost is None
+
+    def call(
+        self, *args: bytes | str | int, sink: Callable[[Any], None] | None = None
+    ) -> asyncio.Future[Any]:
+        """Send one command; the future resolves with its reply.
+
+        *sink*, if given, is called with the reply inside ``data_received``,
+        before the future resolves (and before any other task runs).
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._transport is None:
+            future.set_exception(ConnectionError(str(self._lost or _CLOSED)))
+            return future
+        self._waiters.append((future, sink))
+        self._transport.write(_pack(args))
+        return future
+
+    def close(self) -> None:
+        """Abort the connection; pending calls fail with ``ConnectionError``."""
+        self._fail(ConnectionError("connection closed by client"))
