@@ -249,7 +249,8 @@ class BanCache:
         if entry is None:
             return False
         if entry.expires and entry.expires <= self._clock():
-            return False
+            # Expired but not swept yet: a wider ban may still cover the address.
+            return self.lookup(ip or target) is not None
         return not self._allowed(ip or target)
 
     def _allowed(self, ip: str) -> bool:
@@ -326,19 +327,20 @@ class BanCache:
 
     # -- mutation ----------------------------------------------------------------------
 
-    def apply(self, event: AnyEvent) -> bool:
+    def apply(self, event: AnyEvent, now: int | None = None) -> bool:
         """Apply one event; True if it made *event.target* newly (or again) banned.
 
         Idempotent: applying the same event twice leaves the same state.  A ban
         whose expiry has already passed removes the target instead (the event
-        says "banned until then", and then is over).
+        says "banned until then", and then is over).  *now* (server ms)
+        defaults to the clock; a batch passes it once.
         """
         if isinstance(event, Ban):
             return self._store(True, event.target, event.expires, event.reason,
-                               event.origin, event.seq)  # fmt: skip
+                               event.origin, event.seq, now)  # fmt: skip
         if isinstance(event, Allow):
             self._store(False, event.target, event.expires, event.reason, event.origin,
-                        event.seq)  # fmt: skip
+                        event.seq, now)  # fmt: skip
             return False
         if isinstance(event, Unban):
             self._bans.remove(event.target)
@@ -346,16 +348,25 @@ class BanCache:
             self._allow.remove(event.target)
         return False
 
-    def put(self, kind: Literal["ban", "allow"], target: str, entry: Entry) -> bool:
+    def put(
+        self, kind: Literal["ban", "allow"], target: str, entry: Entry, now: int | None = None
+    ) -> bool:
         """Store a decoded record (bootstrap); True if it is an active ban."""
         return self._store(kind == "ban", target, entry.expires, entry.reason, entry.origin,
-                           entry.seq)  # fmt: skip
+                           entry.seq, now)  # fmt: skip
 
     def _store(
-        self, ban: bool, target: str, expires: int, reason: str, origin: str, seq: int
+        self,
+        ban: bool,
+        target: str,
+        expires: int,
+        reason: str,
+        origin: str,
+        seq: int,
+        now: int | None,
     ) -> bool:
         table = self._bans if ban else self._allow
-        if expires and expires <= self._clock():
+        if expires and expires <= (self._clock() if now is None else now):
             table.remove(target)
             return False
         strings = self._strings
@@ -384,17 +395,50 @@ class BanCache:
         """
         fresh = BanCache(self._clock)
         fresh._strings = self._strings
+        now = self._clock()
         for target, entry in allows:
-            fresh.put("allow", target, entry)
+            fresh.put("allow", target, entry, now)
+        fresh._load_bans(bans, now)
         old = self._bans
-        newly = [
-            target
-            for target, entry in bans
-            if fresh.put("ban", target, entry) and old.get(target) is None
-        ]
+        newly = (
+            [t for t in fresh._bans.exact if t not in old.exact]
+            + [t for t in fresh._bans.nets if t not in old.nets]
+            if len(old)
+            else list(fresh._bans.exact) + list(fresh._bans.nets)
+        )
         for name in self.__slots__:
             setattr(self, name, getattr(fresh, name))
         return newly
+
+    def _load_bans(self, bans: Iterable[tuple[str, Entry]], now: int) -> None:
+        """Bulk :meth:`put` for bootstrap: the same rules, inlined for a million rows.
+
+        Keeps the decoded entries themselves (interning their strings in place)
+        instead of allocating new ones.
+        """
+        exact = self._bans.exact
+        strings = self._strings
+        intern = strings.setdefault
+        wheel = self._wheel
+        heap = self._wheel_heap
+        for target, entry in bans:
+            expires = entry.expires
+            if expires and expires <= now:
+                continue
+            if len(strings) < 65536:
+                entry.reason = intern(entry.reason, entry.reason)
+                entry.origin = intern(entry.origin, entry.origin)
+            if "/" in target:
+                self._bans.put(target, entry)
+            else:
+                exact[target] = entry
+            if expires:
+                bucket = expires // _BUCKET_MS
+                due = wheel.get(bucket)
+                if due is None:
+                    due = wheel[bucket] = ([], [])
+                    heapq.heappush(heap, bucket)
+                due[0].append(target)
 
     def clear(self) -> None:
         self.replace((), ())

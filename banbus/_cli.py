@@ -94,12 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list and args_list[0] == "demo":
         from ._demo import main as demo_main
 
-        return demo_main(args_list[1:])
+        code: int = demo_main(args_list[1:])
+        return code
     args = parser.parse_args(args_list)
     if args.command == "demo":  # `banbus --redis URL demo …`
         from ._demo import main as demo_main
 
-        return demo_main(["--redis", args.redis, *args.rest])
+        code = demo_main(["--redis", args.redis, *args.rest])
+        return code
     try:
         namespace_keys(args.namespace)
         return asyncio.run(_run(args))
@@ -155,7 +157,7 @@ def _safe_url(url: str) -> str:
 
 async def _cmd_write(client: aioredis.Redis, args: argparse.Namespace) -> int:
     extra = [*(["FORCE"] if args.force else []), *(["REPLACE"] if args.replace else [])]
-    reply = await client.fcall(  # type: ignore[misc]
+    reply = await client.fcall(
         f"banbus_{args.command}", 1, args.namespace, args.canonical, args.seconds, args.reason,
         *extra, "ORIGIN", "cli",
     )  # fmt: skip
@@ -166,7 +168,7 @@ async def _cmd_write(client: aioredis.Redis, args: argparse.Namespace) -> int:
 
 
 async def _cmd_remove(client: aioredis.Redis, args: argparse.Namespace) -> int:
-    reply = await client.fcall(  # type: ignore[misc]
+    reply = await client.fcall(
         f"banbus_{args.command}", 1, args.namespace, args.canonical, "ORIGIN", "cli"
     )
     seq = int(reply[0])
@@ -280,11 +282,11 @@ async def _cmd_watch(client: aioredis.Redis, args: argparse.Namespace) -> int:
     key = namespace_keys(args.namespace)["log"]
     cursor = args.start
     if cursor == "$":
-        last = await client.xrevrange(key, count=1)
+        last: Any = await client.xrevrange(key, count=1)
         cursor = _s(last[0][0]) if last else "0-0"
     seen = 0
     while True:
-        reply = await client.xread({key: cursor}, count=100, block=1000)
+        reply: Any = await client.xread({key: cursor}, count=100, block=1000)
         for _stream, entries in reply or ():
             for entry_id, raw in entries:
                 cursor = _s(entry_id)

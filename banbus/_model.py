@@ -106,12 +106,59 @@ class BanRecord(msgspec.Struct, frozen=True, gc=False):
 # -- decoding --------------------------------------------------------------------
 
 
+_OPS: Final[dict[str | None, type[AnyEvent]]] = {
+    "ban": Ban, "unban": Unban, "allow": Allow, "disallow": Disallow,
+}  # fmt: skip
+
+
+def _digits(fields: dict[str, str], name: str, limit: int) -> int:
+    text = fields.get(name, "0")
+    if not isinstance(text, str) or not (text.isascii() and text.isdigit()) or len(text) > 19:
+        raise msgspec.ValidationError(f"{name} must be a non-negative integer, not {text!r}")
+    value = int(text)
+    if value > limit:
+        raise msgspec.ValidationError(f"{name} {value} is out of range")
+    return value
+
+
+def _text(fields: dict[str, str], name: str, max_bytes: int) -> str:
+    text = fields.get(name, "")
+    if not isinstance(text, str):
+        raise msgspec.ValidationError(f"{name} must be text")
+    if len(text) * 4 > max_bytes and len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise msgspec.ValidationError(f"{name} is longer than {max_bytes} bytes")
+    return text
+
+
 def decode_entry(fields: dict[str, str]) -> AnyEvent:
     """Validate one stream entry's fields and return its event.
 
+    Hand-written rather than ``msgspec.convert`` because it runs once per
+    stream event on every node (4x faster); the rules are the Struct
+    constraints above.  Unknown fields are ignored.
+
     :raises msgspec.ValidationError: a field is missing, mistyped or too large.
     """
-    return msgspec.convert(fields, AnyEvent, strict=False)  # type: ignore[arg-type]
+    op = fields.get("op")
+    cls = _OPS.get(op)
+    if cls is None:
+        raise msgspec.ValidationError(f"unknown op {op!r}; expected ban, unban, allow, disallow")
+    target = fields.get("target")
+    if not isinstance(target, str) or not 2 <= len(target) <= 64:
+        raise msgspec.ValidationError(f"target {target!r} is missing or has a bad length")
+    origin = _text(fields, "origin", MAX_ORIGIN_BYTES)
+    eid = _text(fields, "eid", MAX_EID_BYTES)
+    seq = _digits(fields, "seq", 2**63 - 1)
+    if cls is Ban or cls is Allow:
+        return cls(
+            target=target,
+            expires=_digits(fields, "expires", _MAX_EXPIRES_MS),
+            reason=_text(fields, "reason", MAX_REASON_BYTES),
+            origin=origin,
+            eid=eid,
+            seq=seq,
+        )
+    return cls(target=target, origin=origin, eid=eid, seq=seq)
 
 
 class Entry(msgspec.Struct, array_like=True, gc=False):

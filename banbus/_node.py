@@ -170,7 +170,7 @@ class _PyReaderConn:
         kwargs.update(decode_responses=True, encoding_errors="replace", socket_timeout=None,
                       client_name=name)  # fmt: skip
         conn = pool.connection_class(**kwargs)
-        await conn.connect()
+        await conn.connect()  # type: ignore[no-untyped-call]
         return cls(conn)
 
     async def call(self, *args: Any, sink: Callable[[Any], None] | None = None) -> Any:
@@ -548,7 +548,7 @@ class Node:
         try:
             reply = await self._client.fcall(
                 name, 1, self.namespace, *args, "ORIGIN", event.origin, "EID", event.eid
-            )  # type: ignore[misc]
+            )
         except redis_errors.ResponseError as exc:
             raise translate_error(exc) from exc
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
@@ -753,21 +753,36 @@ class Node:
 
     async def _scan(self, conn: _Conn, key: str) -> list[tuple[str, Entry]]:
         out: list[tuple[str, Entry]] = []
-        cursor = "0"
+        ntop, pton, af = _ntop, _pton, _AF_INET
+        future = conn.call("HSCAN", key, "0", "COUNT", self._scan_count)
         while True:
-            cursor, flat = await conn.call("HSCAN", key, cursor, "COUNT", self._scan_count)
+            cursor, flat = await future
+            if cursor != "0":
+                # Pipelined: Redis pages the next batch while we decode this one.
+                future = conn.call("HSCAN", key, cursor, "COUNT", self._scan_count)
             targets = flat[0::2]
             values = flat[1::2]
+            entries: list[Entry | None]
             try:
-                entries = entries_decoder.decode("[" + ",".join(values) + "]")
+                entries = entries_decoder.decode("[" + ",".join(values) + "]")  # type: ignore[assignment]
             except (msgspec.DecodeError, msgspec.ValidationError):
                 entries = [
                     self._decode_one(key, t, v) for t, v in zip(targets, values, strict=True)
                 ]
+            append = out.append
             for target, entry in zip(targets, entries, strict=True):
-                if entry is not None and self._valid_target(target):
-                    out.append((target, entry))
-                elif entry is not None:
+                if entry is None:
+                    continue
+                try:
+                    # The common case: a canonical IPv4 address, checked without parsing.
+                    if ntop(af, pton(af, target)) == target:
+                        append((target, entry))
+                        continue
+                except OSError:
+                    pass
+                if self._valid_target(target):
+                    append((target, entry))
+                else:
                     self._skip(f"record {key}[{target!r}]", "not a canonical target")
             if cursor == "0":
                 return out
@@ -805,6 +820,7 @@ class Node:
         stats = self._stats
         pending = self._pending
         cache = self._cache
+        now = self._server_now()
         applied = 0
         for entry_id, fields in entries:
             if self._resync_needed:
@@ -834,7 +850,7 @@ class Node:
                                 "resyncing", self._last_seq + 1, event.seq - 1)  # fmt: skip
                 self._resync_needed = True
                 break
-            if cache.apply(event):
+            if cache.apply(event, now) and self._listeners:
                 self._notify(event.target)
             self._last_seq = event.seq
             self._cursor = entry_id

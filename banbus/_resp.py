@@ -68,7 +68,7 @@ def address_of(client: Redis) -> ServerAddress | None:
     cls = pool.connection_class
     if kwargs.get("credential_provider") is not None:
         return None
-    common = {
+    common: dict[str, Any] = {
         "username": kwargs.get("username"),
         "password": kwargs.get("password"),
         "db": int(kwargs.get("db") or 0),
