@@ -267,6 +267,9 @@ class Node:
         self._tg: TaskGroup | None = None
         self._listeners: list[Callable[[str], None]] = []
         self._supervisor: Supervisor | None = None
+        # The hot path without a second Python call: the cache's bound method
+        # (it stays valid across resyncs, which swap the cache's insides).
+        self.is_banned = self._cache.is_banned  # type: ignore[method-assign]
         #: Own events not yet seen on the stream: eid -> event.
         self._pending: dict[str, AnyEvent] = {}
         #: Own events Redis did not acknowledge, oldest first.
