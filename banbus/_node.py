@@ -698,7 +698,7 @@ class Node:
             )  # fmt: skip
         if self._resync_needed:
             raise _Resync
-        if reply is None:
+        if not reply:
             await self._check(conn)
 
     async def _check(self, conn: _Conn) -> None:
@@ -740,7 +740,7 @@ class Node:
                     "XREAD", "COUNT", self._batch, "STREAMS", self._keys["log"], self._cursor,
                     sink=self._on_xread,
                 )  # fmt: skip
-                if self._resync_needed or reply is None or len(reply[0][1]) < self._batch:
+                if self._resync_needed or not reply or len(reply[0][1]) < self._batch:
                     break
             if not self._resync_needed:
                 break
@@ -817,7 +817,7 @@ class Node:
 
     def _on_xread(self, reply: Any) -> None:
         """Apply an XREAD reply; runs inside the socket callback."""
-        if reply is None:
+        if not reply:  # nil on timeout (fakeredis: an empty array)
             return
         entries = reply[0][1]
         stats = self._stats
