@@ -21,6 +21,7 @@ from ._exceptions import (
 )
 from ._model import Allow, Ban, BanRecord, Disallow, Event, Unban, parse_ttl
 from ._node import Node, NodeStatistics
+from ._supervisor import Supervisor, SupervisorStatistics, TrackedConnection
 from ._targets import Target, parse_target
 
 __version__ = "0.1.0"
@@ -42,7 +43,10 @@ __all__ = [
     "NodeStatistics",
     "RedisUnavailable",
     "ServerError",
+    "Supervisor",
+    "SupervisorStatistics",
     "Target",
+    "TrackedConnection",
     "Unban",
     "UnsafeBan",
     "__version__",

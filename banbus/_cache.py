@@ -328,7 +328,11 @@ class BanCache:
     # -- mutation ----------------------------------------------------------------------
 
     def apply(self, event: AnyEvent, now: int | None = None) -> bool:
-        """Apply one event; True if it made *event.target* newly (or again) banned.
+        """Apply one event; True if addresses under *event.target* may now be banned.
+
+        That is a ban that is active, or a removed allowlist entry (what it
+        covered may be banned underneath): the supervisor then re-checks the
+        connections under the target.
 
         Idempotent: applying the same event twice leaves the same state.  A ban
         whose expiry has already passed removes the target instead (the event
@@ -345,7 +349,7 @@ class BanCache:
         if isinstance(event, Unban):
             self._bans.remove(event.target)
         elif isinstance(event, Disallow):
-            self._allow.remove(event.target)
+            return self._allow.remove(event.target) is not None
         return False
 
     def put(

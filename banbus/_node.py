@@ -544,19 +544,33 @@ class Node:
             self._outbox.append(event)
             self._outbox_wakeup.set()
             return None
+        except anyio.get_cancelled_exc_class():
+            # The caller gave up mid-call: the write is enforced here already and
+            # may or may not have reached Redis; the outbox publishes it with the
+            # same idempotency key, so it lands exactly once.
+            self._outbox.append(event)
+            self._outbox_wakeup.set()
+            raise
 
     async def _fcall(self, event: AnyEvent, args: list[str | int]) -> list[Any]:
         assert self._client is not None
         name = f"banbus_{_op(event)}"
-        try:
-            reply = await self._client.fcall(
-                name, 1, self.namespace, *args, "ORIGIN", event.origin, "EID", event.eid
-            )
-        except redis_errors.ResponseError as exc:
-            raise translate_error(exc) from exc
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-            raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        return list(reply)
+        for attempt in range(2):
+            try:
+                reply = await self._client.fcall(
+                    name, 1, self.namespace, *args, "ORIGIN", event.origin, "EID", event.eid
+                )
+            except redis_errors.ResponseError as exc:
+                if attempt == 0 and "function not found" in str(exc).lower():
+                    # The server came back empty (restart without persistence,
+                    # FUNCTION FLUSH): reload the library and retry once.
+                    await ensure_library(self._client)
+                    continue
+                raise translate_error(exc) from exc
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+                raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            return list(reply)
+        raise AssertionError("unreachable")
 
     # -- waiting / listeners ---------------------------------------------------------------
 
@@ -669,6 +683,10 @@ class Node:
                         conn = await self._connect()
                         log.info("banbus: reader of %s reconnected", self.node_id)
                         self._outbox_wakeup.set()
+                        # The server may have come back empty, without the functions.
+                        with contextlib.suppress(ServerError):
+                            assert self._client is not None
+                            await ensure_library(self._client)
                         await self._check(conn)
                     await self._read(conn)
                     delay = self._backoff[0]
@@ -708,6 +726,13 @@ class Node:
             state = await conn.call("FCALL_RO", "banbus_state", 1, self.namespace)
         self._observe_server_time(int(state[3]), sent, time.monotonic_ns())
         last_id, seq, epoch = str(state[0]), int(state[1]), str(state[2] or "")
+        if epoch != self._epoch and not self._epoch and seq >= self._last_seq:
+            # The namespace was empty at bootstrap and has been created since.
+            if seq == self._last_seq and last_id == self._cursor:
+                self._epoch = epoch  # we have read all of it: same stream
+                return
+            if not _id_le(last_id, self._cursor):
+                return  # we are behind: XREAD delivers the rest; decide next time
         if epoch != self._epoch or seq < self._last_seq:
             log.warning("banbus: namespace %r was reset or rolled back on the server "
                         "(epoch %r -> %r, seq %d -> %d); resyncing",

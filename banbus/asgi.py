@@ -1,0 +1,307 @@
+"""ASGI middleware: refuse banned clients on every request, cut in-flight ones on ban.
+
+::
+
+    from banbus.asgi import BanMiddleware
+
+    app = BanMiddleware(app, node, trusted_proxies=("10.0.0.0/8",))
+
+* Every HTTP request and websocket handshake is checked (keep-alive
+  connections included): a banned client gets ``403`` with
+  ``Connection: close`` (a websocket handshake is refused with 403).
+* Every in-flight call is tracked by the node's supervisor: when a ban for the
+  client lands, the app's call is cancelled — a request still being handled is
+  answered 403, a streaming response is cut off (the server sees an incomplete
+  response and drops the connection) and a websocket is closed with code 1008
+  (policy violation).
+* The client address comes from ``Forwarded`` (RFC 7239) or else
+  ``X-Forwarded-For`` only when the direct peer is one of *trusted_proxies*;
+  the client is the rightmost hop that is not a trusted proxy.
+
+ASGI middleware only runs while a request is in flight: an *idle* keep-alive
+connection is invisible to it.  With uvicorn, add the connection-level
+integration (:mod:`banbus.uvicorn`) so idle connections are cut too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import anyio
+
+from ._supervisor import _current_task
+from ._targets import normalize_peer
+
+if TYPE_CHECKING:
+    from ._node import Node
+
+__all__ = ["BanMiddleware", "ClientBanned", "client_address"]
+
+Scope: TypeAlias = MutableMapping[str, Any]
+Message: TypeAlias = MutableMapping[str, Any]
+Receive: TypeAlias = Callable[[], Awaitable[Message]]
+Send: TypeAlias = Callable[[Message], Awaitable[None]]
+ASGIApp: TypeAlias = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Websocket close code 1008: "policy violation" (RFC 6455 §7.4.1).
+WS_POLICY_VIOLATION = 1008
+
+
+class ClientBanned(OSError):
+    """Raised by ``send`` once the client was banned mid-call.
+
+    An ``OSError``, like the error servers raise when the client went away,
+    so frameworks treat it as a disconnect.
+    """
+
+
+def _parse_networks(items: Iterable[str]) -> tuple[_Network, ...]:
+    networks = []
+    for item in items:
+        try:
+            net = ipaddress.ip_network(normalize_peer(item.strip()), strict=True)
+        except ValueError as exc:
+            raise ValueError(f"trusted proxy {item!r} is not an address or network: {exc}") from exc
+        networks.append(net)
+    return tuple(networks)
+
+
+def _hop_address(text: str) -> str | None:
+    """The address in one forwarded hop (quotes, brackets and port removed), or None."""
+    text = text.strip().strip('"').strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return None  # "unknown", an obfuscated node name, garbage
+    return normalize_peer(str(address))
+
+
+def _forwarded_hops(headers: Iterable[tuple[bytes, bytes]]) -> list[str] | None:
+    """The ``for=`` of each ``Forwarded`` element, else the ``X-Forwarded-For`` list.
+
+    None when neither header is present.  Hops without a usable ``for=`` are ``""``.
+    """
+    forwarded: list[str] = []
+    xff: list[str] = []
+    for name, value in headers:
+        if name == b"forwarded":
+            forwarded.append(value.decode("latin-1"))
+        elif name == b"x-forwarded-for":
+            xff.append(value.decode("latin-1"))
+    if forwarded:
+        hops = []
+        for element in ",".join(forwarded).split(","):
+            hop = ""
+            for pair in element.split(";"):
+                key, _, val = pair.partition("=")
+                if key.strip().lower() == "for":
+                    hop = val
+                    break
+            hops.append(hop)
+        return hops
+    if xff:
+        return ",".join(xff).split(",")
+    return None
+
+
+def client_address(
+    peer: str,
+    headers: Iterable[tuple[bytes, bytes]],
+    trusted: tuple[_Network, ...],
+) -> str:
+    """The client address of a request from *peer*, honouring forwarded headers.
+
+    Headers count only when *peer* is inside one of the *trusted* networks:
+    the client is then the rightmost hop that is not a trusted proxy.  An
+    unparseable hop stops the walk at the last trusted hop.
+    """
+    peer = normalize_peer(peer)
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    hops = _forwarded_hops(headers)
+    if not hops:
+        return peer
+    client = peer
+    for hop in reversed(hops):
+        address = _hop_address(hop)
+        if address is None:
+            break
+        client = address
+        if not _is_trusted(address, trusted):
+            break
+    return client
+
+
+def _is_trusted(ip: str, trusted: tuple[_Network, ...]) -> bool:
+    try:
+        address: _Address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in net for net in trusted)
+
+
+class _Call:
+    """State of one in-flight ASGI call."""
+
+    __slots__ = ("accepted", "close_after", "complete", "cut", "started")
+
+    def __init__(self) -> None:
+        self.cut = False
+        self.close_after = False
+        self.started = False
+        self.complete = False
+        self.accepted = False
+
+
+class BanMiddleware:
+    """Refuse banned clients; cancel their in-flight requests and websockets on ban.
+
+    :param app: the ASGI application.
+    :param node: the :class:`~banbus.Node` (its supervisor tracks in-flight calls).
+    :param trusted_proxies: addresses/networks whose ``Forwarded`` /
+        ``X-Forwarded-For`` headers are believed.
+    :param status: the status of the refusal (403).
+    :param body: the refusal's body.
+    :param listener: the listener name in-flight calls are tracked under.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        node: Node,
+        *,
+        trusted_proxies: Iterable[str] = (),
+        status: int = 403,
+        body: bytes = b"Forbidden\n",
+        listener: str = "asgi",
+    ) -> None:
+        self.app = app
+        self.node = node
+        if isinstance(trusted_proxies, str):
+            trusted_proxies = (trusted_proxies,)
+        self.trusted_proxies = _parse_networks(trusted_proxies)
+        self.status = status
+        self.body = body
+        self.listener = listener
+
+    def client(self, scope: Scope) -> str | None:
+        """The client address of *scope* (forwarded headers from trusted proxies)."""
+        peer = scope.get("client")
+        if not peer:
+            return None
+        return client_address(str(peer[0]), scope.get("headers") or (), self.trusted_proxies)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        peer_info = scope.get("client")
+        if not peer_info:
+            await self.app(scope, receive, send)
+            return
+        peer = normalize_peer(str(peer_info[0]))
+        client = client_address(peer, scope.get("headers") or (), self.trusted_proxies)
+        node = self.node
+        if node.is_banned(client) or (client != peer and node.is_banned(peer)):
+            await self._refuse(kind, send)
+            return
+
+        call = _Call()
+        cancel_scope = anyio.CancelScope()
+        task = _current_task()
+
+        def closer() -> None:
+            if _current_task() is task:
+                # The app itself banned its client: let it answer (and publish
+                # the ban), then close the connection.
+                call.close_after = True
+            else:
+                call.cut = True
+                cancel_scope.cancel()
+
+        server = scope.get("server")
+        port = server[1] if server and len(server) > 1 else None
+        conn = node.supervisor.track(client, closer, port=port, listener=self.listener,
+                                     refuse=False)  # fmt: skip
+
+        async def guarded_receive() -> Message:
+            if call.cut:
+                return _disconnect(kind)
+            return await receive()
+
+        async def guarded_send(message: Message) -> None:
+            if call.cut:
+                raise ClientBanned(f"client {client} was banned")
+            mtype = message["type"]
+            if mtype == "http.response.start":
+                if call.close_after:
+                    message = _with_close(message)
+                call.started = True
+            elif mtype == "http.response.body":
+                if not message.get("more_body", False):
+                    call.complete = True
+            elif mtype == "websocket.accept":
+                call.accepted = True
+            elif mtype == "websocket.close":
+                call.complete = True
+            await send(message)
+
+        try:
+            with cancel_scope:
+                await self.app(scope, guarded_receive, guarded_send)
+        finally:
+            conn.untrack()
+        if call.cut:
+            await self._after_cut(kind, call, send)
+
+    async def _after_cut(self, kind: str, call: _Call, send: Send) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                if kind == "http":
+                    if not call.started:
+                        await self._refuse(kind, send)
+                    # A started response is left incomplete: the server drops
+                    # the connection rather than pretend it finished.
+                elif not call.complete:
+                    await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION,
+                                "reason": "banned"})  # fmt: skip
+            except OSError:
+                pass  # the client is already gone
+
+    async def _refuse(self, kind: str, send: Send) -> None:
+        if kind == "websocket":
+            # Before accept, a close is answered 403 by the server.
+            await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION})
+            return
+        await send({
+            "type": "http.response.start",
+            "status": self.status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(self.body)).encode()),
+                (b"connection", b"close"),
+            ],
+        })  # fmt: skip
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def _disconnect(kind: str) -> Message:
+    if kind == "websocket":
+        return {"type": "websocket.disconnect", "code": WS_POLICY_VIOLATION}
+    return {"type": "http.disconnect"}
+
+
+def _with_close(message: Message) -> Message:
+    headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"connection"]
+    headers.append((b"connection", b"close"))
+    return {**message, "headers": headers}

@@ -1,0 +1,232 @@
+"""``banbus.asgi.BanMiddleware`` over real uvicorn servers and real clients."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.client import connect as ws_connect
+
+import banbus
+from banbus.asgi import BanMiddleware, client_address
+
+from ._net import HTTPClient, sync_marker, uvicorn_server
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+pytestmark = pytest.mark.anyio
+
+
+class App:
+    """``/`` answers; ``/hang`` never answers; ``/stream`` streams; ``/ws`` echoes."""
+
+    def __init__(self) -> None:
+        self.entered = {"hang": anyio.Event(), "stream": anyio.Event()}
+        self.cancelled: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope["path"]
+        if scope["type"] == "websocket":
+            await self.websocket(receive, send)
+            return
+        try:
+            if path == "/hang":
+                self.entered["hang"].set()
+                await anyio.sleep_forever()
+            if path == "/stream":
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", b"text/plain")]})  # fmt: skip
+                await send({"type": "http.response.body", "body": b"chunk-1\n",
+                            "more_body": True})  # fmt: skip
+                self.entered["stream"].set()
+                await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled.append(path)
+            raise
+        body = f"hello {scope['client'][0]}".encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+    async def websocket(self, receive: Any, send: Any) -> None:
+        message = await receive()
+        assert message["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                await send({"type": "websocket.send", "text": message.get("text")})
+        except anyio.get_cancelled_exc_class():
+            self.cancelled.append("ws")
+            raise
+
+
+@pytest.fixture
+async def nodes(redis_url: str, namespace: str) -> AsyncIterator[tuple[banbus.Node, banbus.Node]]:
+    async with (
+        banbus.Node(redis_url, namespace=namespace, node_id="a") as a,
+        banbus.Node(redis_url, namespace=namespace, node_id="b") as b,
+    ):
+        yield a, b
+
+
+def client(port: int, source: str) -> httpx.AsyncClient:
+    transport = httpx.AsyncHTTPTransport(local_address=source, retries=0)
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", transport=transport,
+                             timeout=10)  # fmt: skip
+
+
+async def test_middleware_only_checks_every_keep_alive_request(
+    nodes: tuple[banbus.Node, banbus.Node],
+) -> None:
+    """Without the connection-level protocol, each request on a keep-alive connection is checked."""
+    a, b = nodes
+    async with uvicorn_server(BanMiddleware(App(), b)) as port:
+        conn = await HTTPClient.open("127.0.0.1", port, "127.0.0.31")
+        try:
+            assert (await conn.get("/"))[:2] == (200, b"hello 127.0.0.31")
+            record = await a.ban("127.0.0.31")
+            await b.wait_for_seq(record.seq)
+            status, body, close = await conn.get("/next")  # same keep-alive connection
+            assert (status, body, close) == (403, b"Forbidden\n", True)
+            assert await conn.wait_closed() == b""
+        finally:
+            await conn.aclose()
+        async with client(port, "127.0.0.31") as banned, client(port, "127.0.0.32") as other:
+            assert (await banned.get("/")).status_code == 403
+            assert (await other.get("/")).status_code == 200
+            assert await a.unban("127.0.0.31")
+            await sync_marker(a, b)
+            assert (await banned.get("/")).status_code == 200
+
+
+async def test_in_flight_request_is_answered_403(nodes: tuple[banbus.Node, banbus.Node]) -> None:
+    a, b = nodes
+    app = App()
+    async with uvicorn_server(BanMiddleware(app, b)) as port:
+        async with client(port, "127.0.0.33") as http, anyio.create_task_group() as tg:
+            responses: list[httpx.Response] = []
+
+            async def hang() -> None:
+                responses.append(await http.get("/hang"))
+
+            tg.start_soon(hang)
+            with anyio.fail_after(10):
+                await app.entered["hang"].wait()
+            record = await a.ban("127.0.0.33")
+            await b.wait_for_seq(record.seq)
+        assert responses[0].status_code == 403
+        assert responses[0].headers["connection"] == "close"
+        assert app.cancelled == ["/hang"]
+
+
+async def test_streaming_response_is_cut(nodes: tuple[banbus.Node, banbus.Node]) -> None:
+    a, b = nodes
+    app = App()
+    async with uvicorn_server(BanMiddleware(app, b)) as port:
+        async with client(port, "127.0.0.34") as http, client(port, "127.0.0.35") as other:
+            async with http.stream("GET", "/stream") as response:
+                chunks = response.aiter_raw()
+                assert await chunks.__anext__() == b"chunk-1\n"
+                record = await a.ban("127.0.0.34")
+                await b.wait_for_seq(record.seq)
+                with anyio.fail_after(10), pytest.raises(httpx.RemoteProtocolError):
+                    await chunks.__anext__()
+            assert (await other.get("/")).status_code == 200
+        assert app.cancelled == ["/stream"]
+
+
+async def test_websocket_is_closed_1008(nodes: tuple[banbus.Node, banbus.Node]) -> None:
+    a, b = nodes
+    app = App()
+    async with uvicorn_server(BanMiddleware(app, b)) as port:
+        uri = f"ws://127.0.0.1:{port}/ws"
+        async with ws_connect(uri, local_addr=("127.0.0.36", 0)) as ws:
+            await ws.send("ping")
+            assert await ws.recv() == "ping"
+            record = await a.ban("127.0.0.36")
+            await b.wait_for_seq(record.seq)
+            with anyio.fail_after(10), pytest.raises(websockets.ConnectionClosed) as info:
+                await ws.recv()
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+        # The handshake of a banned client is refused.
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with ws_connect(uri, local_addr=("127.0.0.36", 0)):
+                pass
+        assert refused.value.response.status_code == 403
+        assert app.cancelled == ["ws"]
+
+
+async def test_forwarded_headers_only_from_trusted_proxies(
+    nodes: tuple[banbus.Node, banbus.Node],
+) -> None:
+    a, b = nodes
+    record = await a.ban("203.0.113.66")
+    await b.wait_for_seq(record.seq)
+    app = BanMiddleware(App(), b, trusted_proxies=("127.0.0.1", "10.0.0.0/8"))
+    async with uvicorn_server(app) as port:
+        # The trusted proxy (127.0.0.1) forwards for the banned client: refused.
+        async with client(port, "127.0.0.1") as proxy:
+            xff = {"x-forwarded-for": "203.0.113.66, 10.1.2.3"}
+            assert (await proxy.get("/", headers=xff)).status_code == 403
+            fwd = {"forwarded": 'for="[2001:db8::1]:443", for=203.0.113.66;proto=http'}
+            assert (await proxy.get("/", headers=fwd)).status_code == 403
+            # A spoofed leftmost hop does not launder the banned rightmost one...
+            xff = {"x-forwarded-for": "198.51.100.1, 203.0.113.66"}
+            assert (await proxy.get("/", headers=xff)).status_code == 403
+            # ...and an honest client behind the proxy passes.
+            xff = {"x-forwarded-for": "198.51.100.1"}
+            assert (await proxy.get("/", headers=xff)).status_code == 200
+        # An untrusted peer's headers have no effect, either way.
+        async with client(port, "127.0.0.37") as spoofer:
+            xff = {"x-forwarded-for": "203.0.113.66", "forwarded": "for=203.0.113.66"}
+            assert (await spoofer.get("/", headers=xff)).status_code == 200
+        record = await a.ban("127.0.0.38")
+        await b.wait_for_seq(record.seq)
+        async with client(port, "127.0.0.38") as banned:
+            xff = {"x-forwarded-for": "198.51.100.7", "forwarded": "for=198.51.100.7"}
+            assert (await banned.get("/", headers=xff)).status_code == 403
+
+
+async def test_ban_behind_proxy_cuts_in_flight_call(nodes: tuple[banbus.Node, banbus.Node]) -> None:
+    a, b = nodes
+    app = App()
+    async with uvicorn_server(BanMiddleware(app, b, trusted_proxies=["127.0.0.1"])) as port:
+        async with client(port, "127.0.0.1") as proxy, anyio.create_task_group() as tg:
+            responses: list[httpx.Response] = []
+
+            async def hang() -> None:
+                headers = {"x-forwarded-for": "198.51.100.9"}
+                responses.append(await proxy.get("/hang", headers=headers))
+
+            tg.start_soon(hang)
+            with anyio.fail_after(10):
+                await app.entered["hang"].wait()
+            assert [c.peer for c in b.supervisor.connections()] == ["198.51.100.9"]
+            record = await a.ban("198.51.100.9")
+            await b.wait_for_seq(record.seq)
+        assert responses[0].status_code == 403
+
+
+def test_client_address_parsing() -> None:
+    trusted = BanMiddleware(App(), None, trusted_proxies=("10.0.0.0/8", "::1")).trusted_proxies  # type: ignore[arg-type]
+    h = [(b"x-forwarded-for", b"1.2.3.4, 10.0.0.2"), (b"x-forwarded-for", b"10.0.0.3")]
+    assert client_address("10.0.0.1", h, trusted) == "1.2.3.4"
+    assert client_address("::ffff:10.0.0.1", h, trusted) == "1.2.3.4"
+    assert client_address("192.0.2.5", h, trusted) == "192.0.2.5"
+    # An unparseable hop stops at the last trusted hop.
+    h = [(b"x-forwarded-for", b"1.2.3.4, unknown, 10.0.0.2")]
+    assert client_address("10.0.0.1", h, trusted) == "10.0.0.2"
+    h = [(b"forwarded", b'for="[2001:db8::7]:80";proto=https, for=10.0.0.9')]
+    assert client_address("::1", h, trusted) == "2001:db8::7"
+    h = [(b"forwarded", b"for=1.2.3.4:5678")]
+    assert client_address("10.9.9.9", h, trusted) == "1.2.3.4"
+    assert client_address("10.0.0.1", [], trusted) == "10.0.0.1"
+    with pytest.raises(ValueError, match="trusted proxy"):
+        BanMiddleware(App(), None, trusted_proxies=("10.0.0.1/8",))  # type: ignore[arg-type]
