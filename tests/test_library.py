@@ -820,9 +820,9 @@ async def test_ensure_library_unreachable() -> None:
 
 
 @pytest.mark.anyio
-async def test_ensure_library_refused(fresh: AsyncRedis) -> None:
-    if isinstance(fresh, fakeredis.FakeAsyncRedis):
-        pytest.skip("fakeredis does not enforce ACLs on FUNCTION")
+@pytest.mark.real_redis  # fakeredis does not enforce ACLs on FUNCTION
+async def test_ensure_library_refused(redis_factory: Callable[..., RedisProcess]) -> None:
+    fresh = AsyncRedis.from_url(redis_factory().url, decode_responses=True)
     await fresh.function_load(code_with_version(LIBRARY_VERSION - 1))
     # A client that may not load functions (as on a replica or under an ACL).
     await fresh.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@all", "-function")
@@ -835,6 +835,7 @@ async def test_ensure_library_refused(fresh: AsyncRedis) -> None:
             await ensure_library(reader)
     finally:
         await reader.aclose()
+        await fresh.aclose()
 
 
 # --------------------------------------------------------------------------- fakeredis
