@@ -1,0 +1,204 @@
+"""Throughput of the reader (apply a 100k burst) and of bootstrap (join a 1M namespace).
+
+Apply: a node is started on an empty namespace and frozen with ``SIGSTOP``;
+a burst of 100k bans is written with pipelined ``FCALL banbus_ban``; the node
+is resumed with ``SIGCONT`` and timestamps the moment it applies the last
+one (a ban listener; ``CLOCK_MONOTONIC`` is shared with the coordinator).
+That is the reader catching up: ``XREAD COUNT <batch>`` round trips, decode,
+validate, apply.  Baselines, on the same entries: a bare redis-py ``XREAD``
+loop (sync client, hiredis parser, ``decode_responses=True``) and the same
+loop with a lean hiredis ``asyncio.Protocol`` client (the transport's ceiling).
+
+Bootstrap: the namespace is filled with pipelined ``FCALL banbus_ban`` (1M in
+the full run, 100k with ``--quick``); then a fresh process times ``async with
+Node(...)`` (connect, library check, watermark, HSCAN of the record, decode,
+cache build, stream replay from the watermark).  Baseline: a bare redis-py
+``HSCAN`` loop over the same hash, no decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from _common import Result, Worker, command, now_ns, percentile, pipeline
+from bench_cache import exact_value, ip_of
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from run import Context
+
+
+async def load_library(url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from banbus._library import ensure_library
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        await ensure_library(client)
+    finally:
+        await client.aclose()
+
+
+def ban_commands(ns: str, start: int, n: int) -> Iterator[tuple[Any, ...]]:
+    for i in range(start, start + n):
+        yield ("FCALL", "banbus_ban", 1, ns, ip_of(exact_value(i)), 86400, "bench")
+
+
+def populate(url: str, ns: str, start: int, n: int) -> float:
+    """Write *n* bans with pipelined FCALLs; return the seconds it took."""
+    t0 = time.perf_counter()
+    pipeline(url, ban_commands(ns, start, n), batch=10_000)
+    return time.perf_counter() - t0
+
+
+def last_id(url: str, key: str) -> str:
+    newest = command(url, "XREVRANGE", key, "+", "-", "COUNT", 1)
+    return newest[0][0] if newest else "0-0"
+
+
+async def run_apply(ctx: Context) -> list[Result]:
+    ns = ctx.ns("apply")
+    key = "{" + ns + "}:log"
+    n = 100_000
+    rounds = 1 if ctx.quick else 3
+    await load_library(ctx.url)
+    command(ctx.url, "HSET", "{" + ns + "}:config", "maxlen", 10_000_000)
+    node = await Worker.start(
+        "apply-node",
+        "node",
+        "--redis",
+        ctx.url,
+        "--ns",
+        ns,
+        "--node-id",
+        "apply",
+        "--block-ms",
+        "60000",
+    )
+    rates: list[float] = []
+    raw: list[float] = []
+    lean: list[float] = []
+    try:
+        for r in range(rounds):
+            start = r * n
+            sentinel = ip_of(exact_value(start + n - 1))
+            await node.request("record", all=False, target=sentinel)
+            before = last_id(ctx.url, key)
+            os.kill(node.pid, signal.SIGSTOP)
+            try:
+                write_s = await asyncio.to_thread(populate, ctx.url, ns, start, n)
+            finally:
+                t0 = now_ns()
+                os.kill(node.pid, signal.SIGCONT)
+            reply = await node.request("wait_sentinel", wait=120.0, timeout=130.0)
+            seconds = (reply["t"] - t0) / 1e9
+            rates.append(n / seconds)
+            ctx.log(
+                f"  round {r + 1}: burst written in {write_s:.1f} s "
+                f"({n / write_s:,.0f} FCALL/s); node applied {n:,} in {seconds:.3f} s "
+                f"= {n / seconds:,.0f} events/s"
+            )
+            for mode, sink in (("rawread", raw), ("hiredisread", lean)):
+                w = await Worker.start(
+                    f"apply-{mode}",
+                    mode,
+                    "--redis",
+                    ctx.url,
+                    "--key",
+                    key,
+                    "--start",
+                    before,
+                    "--expect",
+                    str(n),
+                    timeout=120,
+                )
+                sink.append(w.ready["events"] / w.ready["seconds"])
+                await w.stop()
+        stats = await node.request("stats")
+    finally:
+        await node.stop()
+    ctx.log(
+        f"  node: applied={stats['events_applied']} skipped={stats['events_skipped']} "
+        f"resyncs={stats['resyncs']} reconnects={stats['reconnects']}"
+    )
+    ctx.log(
+        f"  redis-py XREAD: {', '.join(f'{x:,.0f}' for x in raw)} events/s; "
+        f"hiredis Protocol XREAD: {', '.join(f'{x:,.0f}' for x in lean)} events/s"
+    )
+    return [
+        Result(
+            "apply_events_per_s",
+            percentile(rates, 50),
+            "events/s",
+            percentile(raw, 50),
+            "bare redis-py XREAD loop",
+            (">=", 150_000),
+        ),
+        Result(
+            "xread_hiredis_events_per_s",
+            percentile(lean, 50),
+            "events/s",
+            percentile(raw, 50),
+            "bare redis-py XREAD loop",
+            note="lean hiredis Protocol XREAD, no decoding: the transport ceiling",
+        ),
+    ]
+
+
+async def run_bootstrap(ctx: Context) -> list[Result]:
+    ns = ctx.ns("boot")
+    n = 100_000 if ctx.quick else 1_000_000
+    label = "100k" if ctx.quick else "1m"
+    await load_library(ctx.url)
+    write_s = await asyncio.to_thread(populate, ctx.url, ns, 0, n)
+    ctx.log(f"  {n:,} bans written in {write_s:.1f} s ({n / write_s:,.0f} FCALL/s)")
+    runs: list[float] = []
+    for k in range(3):
+        w = await Worker.start(
+            f"boot{k}",
+            "bootstrap",
+            "--redis",
+            ctx.url,
+            "--ns",
+            ns,
+            "--node-id",
+            f"boot{k}",
+            timeout=300,
+        )
+        if w.ready["bans"] != n:
+            raise RuntimeError(f"bootstrap found {w.ready['bans']} bans, expected {n}")
+        runs.append(w.ready["seconds"])
+        await w.stop()
+    w = await Worker.start(
+        "hscan",
+        "hscan",
+        "--redis",
+        ctx.url,
+        "--key",
+        "{" + ns + "}:bans",
+        "--count",
+        "10000",
+        timeout=300,
+    )
+    hscan_s = w.ready["seconds"]
+    await w.stop()
+    ctx.log(
+        f"  bootstrap runs: {', '.join(f'{x:.2f}' for x in runs)} s; "
+        f"bare redis-py HSCAN: {hscan_s:.2f} s"
+    )
+    return [
+        Result(
+            f"bootstrap_{label}_s",
+            percentile(runs, 50),
+            "s",
+            hscan_s,
+            "bare redis-py HSCAN loop",
+            ("<=", 3.0 if not ctx.quick else 0.3),
+        ),
+    ]
