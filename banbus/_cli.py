@@ -68,8 +68,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="accept a prefix wider than the minimum (never /0)")  # fmt: skip
         p.add_argument("--replace", action="store_true",
                        help="set the expiry exactly instead of keeping the later one")  # fmt: skip
-    for name, text in (("unban", "lift a ban (exactly this target)"),
-                       ("disallow", "remove an allowlist entry (exactly this target)")):  # fmt: skip
+    removals = (
+        ("unban", "lift a ban (exactly this target)"),
+        ("disallow", "remove an allowlist entry (exactly this target)"),
+    )
+    for name, text in removals:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("target")
     p = sub.add_parser("list", help="list current bans and allowlist entries")
@@ -77,8 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="is this IP banned? (exit 0 no, 1 yes, 2 error)")
     p.add_argument("ip")
     p = sub.add_parser("watch", help="follow the event stream live, one line per event")
-    p.add_argument("--from", dest="start", default="$",
-                   help="stream id to start after ('0' = from the beginning; default: new events)")  # fmt: skip
+    p.add_argument(
+        "--from", dest="start", default="$",
+        help="stream id to start after ('0' = from the beginning; default: new events)",
+    )  # fmt: skip
     p.add_argument("--count", type=int, default=0, help="exit after this many events")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p = sub.add_parser("demo", help="run the live demo (3 nodes, a scanner, a ban)",

@@ -76,9 +76,10 @@ from ._model import (
     Disallow,
     Entry,
     Unban,
+    ban_fields,
     check_origin,
     check_reason,
-    decode_entry,
+    decode_flat,
     entries_decoder,
     entry_decoder,
     parse_ttl,
@@ -276,6 +277,8 @@ class Node:
         self._outbox: deque[AnyEvent] = deque()
         self._outbox_wakeup = anyio.Event()
         self._seq_waiters: list[tuple[int, anyio.Event]] = []
+        #: Reads sent ahead while applying a full batch (see _on_xread).
+        self._prefetch: deque[Any] = deque()
         self._stats = dict.fromkeys(("applied", "skipped", "own", "resyncs", "reconnects"), 0)
         self._lag_ms = 0.0
         self._max_lag_ms = 0.0
@@ -298,7 +301,7 @@ class Node:
                     )  # fmt: skip
                 except ValueError as exc:
                     raise InvalidInput(f"invalid Redis URL {self._redis_arg!r}: {exc}") from exc
-                stack.push_async_callback(client.aclose)
+                stack.push_async_callback(_aclose_shielded, client)
             self._client = client
             self._address = address_of(client)
             try:
@@ -676,6 +679,7 @@ class Node:
             raise RedisUnavailable(f"bootstrap failed: {exc}") from exc
         task_status.started()
         delay = self._backoff[0]
+        resync = False
         try:
             while True:
                 try:
@@ -688,12 +692,18 @@ class Node:
                             assert self._client is not None
                             await ensure_library(self._client)
                         await self._check(conn)
+                    if resync:
+                        # Inside the try: a connection lost mid-resync reconnects
+                        # and resyncs again instead of killing the reader.
+                        await self._sync(conn, first=False)
+                        resync = False
                     await self._read(conn)
                     delay = self._backoff[0]
                 except _Resync:
-                    assert conn is not None
-                    await self._sync(conn, first=False)
-                except (ConnectionError, OSError, TimeoutError, RedisUnavailable, RespError) as exc:
+                    resync = True
+                except (ConnectionError, OSError, TimeoutError, RedisUnavailable, RespError,
+                        ServerError) as exc:  # fmt: skip
+                    self._prefetch.clear()  # their connection is gone
                     if conn is not None:
                         conn.close()
                         conn = None
@@ -714,10 +724,19 @@ class Node:
                 "XREAD", "COUNT", self._batch, "BLOCK", self._block_ms,
                 "STREAMS", self._keys["log"], self._cursor, sink=self._on_xread,
             )  # fmt: skip
+        reply = await self._drain(reply)
         if self._resync_needed:
             raise _Resync
         if not reply:
             await self._check(conn)
+
+    async def _drain(self, reply: Any) -> Any:
+        """Await prefetched reads (see ``_on_xread``); return the last reply."""
+        prefetch = self._prefetch
+        while prefetch:
+            with anyio.fail_after(10.0):
+                reply = await prefetch.popleft()
+        return reply
 
     async def _check(self, conn: _Conn) -> None:
         """Compare the server's watermark and epoch with ours; resync if they disagree."""
@@ -761,10 +780,10 @@ class Node:
                 self._cache.apply(event)
             # Catch up from the watermark.
             while True:
-                reply = await conn.call(
+                reply = await self._drain(await conn.call(
                     "XREAD", "COUNT", self._batch, "STREAMS", self._keys["log"], self._cursor,
                     sink=self._on_xread,
-                )  # fmt: skip
+                ))  # fmt: skip
                 if self._resync_needed or not reply or len(reply[0][1]) < self._batch:
                     break
             if not self._resync_needed:
@@ -842,23 +861,49 @@ class Node:
 
     def _on_xread(self, reply: Any) -> None:
         """Apply an XREAD reply; runs inside the socket callback."""
-        if not reply:  # nil on timeout (fakeredis: an empty array)
+        if not reply or self._resync_needed:  # nil on timeout (fakeredis: an empty array)
             return
         entries = reply[0][1]
+        conn = self._conn
+        if len(entries) >= self._batch and isinstance(conn, RespConnection):
+            # A full batch: more is likely waiting.  Ask for it now, so Redis
+            # and the network work while we apply this one.
+            self._prefetch.append(conn.call(
+                "XREAD", "COUNT", self._batch, "STREAMS", self._keys["log"], entries[-1][0],
+                sink=self._on_xread,
+            ))  # fmt: skip
         stats = self._stats
         pending = self._pending
         cache = self._cache
+        store = cache._store
+        node_id = self.node_id
+        ntop, pton, af = _ntop, _pton, _AF_INET
         now = self._server_now()
         applied = 0
         for entry_id, fields in entries:
             if self._resync_needed:
                 break
-            if not fields or len(fields) % 2:
-                self._skip(f"stream entry {entry_id}", "no fields or odd field count")
-                self._cursor = entry_id
-                continue
+            # Fast path: a ban/allow of an IPv4 address in the library's layout,
+            # in sequence.  Everything else takes the general path below.
+            fast = ban_fields(fields) if fields else None
+            if fast is not None and fast[6] == self._last_seq + 1:
+                is_ban, target, expires, reason, origin, eid, seq = fast
+                try:
+                    canonical = ntop(af, pton(af, target)) == target
+                except OSError:
+                    canonical = False
+                if canonical:
+                    if store(is_ban, target, expires, reason, origin, seq, now) and self._listeners:
+                        self._notify(target)
+                    self._last_seq = seq
+                    self._cursor = entry_id
+                    applied += 1
+                    if eid in pending and origin == node_id:
+                        del pending[eid]
+                        stats["own"] += 1
+                    continue
             try:
-                event = decode_entry(dict(zip(fields[0::2], fields[1::2], strict=True)))
+                event = decode_flat(fields or [])
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 self._skip(f"stream entry {entry_id}", str(exc))
                 self._cursor = entry_id
@@ -934,6 +979,13 @@ class Node:
                     self._pending.pop(event.eid, None)
                 self._outbox.popleft()
                 delay = self._backoff[0]
+
+
+async def _aclose_shielded(client: aioredis.Redis) -> None:
+    # Shielded: a node shut down by cancellation must still close its
+    # connections (otherwise they leak and warn as unclosed).
+    with anyio.CancelScope(shield=True):
+        await client.aclose()
 
 
 def _op(event: AnyEvent) -> str:

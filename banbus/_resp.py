@@ -107,6 +107,11 @@ def _pack(args: tuple[bytes | str | int, ...]) -> bytes:
 _CLOSED: Final = ConnectionError("connection closed")
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class RespConnection(asyncio.Protocol):
     """One connection, replies matched to requests in order."""
 
@@ -218,6 +223,9 @@ class RespConnection(asyncio.Protocol):
             return future
         self._waiters.append((future, sink))
         self._transport.write(_pack(args))
+        # A read sent ahead may never be awaited if the connection drops:
+        # mark its exception retrieved so asyncio does not log it.
+        future.add_done_callback(_retrieve)
         return future
 
     def close(self) -> None:
