@@ -58,6 +58,8 @@ import anyio
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from ._cache import BanCache
 from ._exceptions import (
@@ -99,6 +101,17 @@ __all__ = ["Node", "NodeStatistics", "namespace_keys"]
 
 log = logging.getLogger("banbus")
 
+#: Error replies that mean "not now" rather than "no" (the write is retried).
+_TRANSIENT: Final = frozenset(
+    ("OOM", "READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "NOREPLICAS",
+     "CLUSTERDOWN", "NOSCRIPT")
+)  # fmt: skip
+_TRANSIENT_ERRORS: Final = (
+    redis_errors.OutOfMemoryError,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
+)
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _AF_INET: Final = socket.AF_INET
 _pton: Final = socket.inet_pton
@@ -279,6 +292,8 @@ class Node:
         self._seq_waiters: list[tuple[int, anyio.Event]] = []
         #: Reads sent ahead while applying a full batch (see _on_xread).
         self._prefetch: deque[Any] = deque()
+        #: During bootstrap: the stream id to catch up to before the body runs.
+        self._catchup_until: str | None = None
         self._stats = dict.fromkeys(("applied", "skipped", "own", "resyncs", "reconnects"), 0)
         self._lag_ms = 0.0
         self._max_lag_ms = 0.0
@@ -295,9 +310,12 @@ class Node:
             client = self._redis_arg
             if isinstance(client, str):
                 try:
+                    # One immediate retry on a dropped connection (e.g. an idle
+                    # kill): safe, every write carries its event id.
                     client = aioredis.Redis.from_url(
                         client, socket_timeout=5.0, socket_connect_timeout=5.0,
-                        health_check_interval=0,
+                        health_check_interval=0, retry=Retry(NoBackoff(), 1),
+                        retry_on_error=[redis_errors.ConnectionError],
                     )  # fmt: skip
                 except ValueError as exc:
                     raise InvalidInput(f"invalid Redis URL {self._redis_arg!r}: {exc}") from exc
@@ -494,8 +512,9 @@ class Node:
             args.append("REPLACE")
         try:
             reply = await self._publish(event, args)
-        except InvalidInput:
-            # The server refused (e.g. a stricter namespace config): undo.
+        except BanbusError:
+            # The server refused for good (e.g. a stricter namespace config,
+            # a wrong key type): undo, so this node does not diverge.
             self._pending.pop(eid, None)
             self._restore(kind, text, previous)
             raise
@@ -511,12 +530,18 @@ class Node:
         self._check_running()
         text = self._parse(target, force=True)
         kind: Literal["ban", "allow"] = "ban" if ban else "allow"
-        held = self._cache.get(text, kind) is not None
+        previous = self._cache.get(text, kind)
+        held = previous is not None
         eid = self._new_eid()
         event = (Unban if ban else Disallow)(target=text, origin=self.node_id, eid=eid)
         self._pending[eid] = event
         self._apply_local(event)
-        reply = await self._publish(event, [text])
+        try:
+            reply = await self._publish(event, [text])
+        except BanbusError:
+            self._pending.pop(eid, None)
+            self._restore(kind, text, previous)
+            raise
         if reply is None:
             return held
         if int(reply[0]) == 0:
@@ -569,6 +594,10 @@ class Node:
                     # FUNCTION FLUSH): reload the library and retry once.
                     await ensure_library(self._client)
                     continue
+                if isinstance(exc, _TRANSIENT_ERRORS) or str(exc).split(" ", 1)[0] in _TRANSIENT:
+                    # Not a verdict on the write: the server cannot take writes
+                    # right now.  The outbox retries it with the same event id.
+                    raise RedisUnavailable(f"server busy: {exc}") from exc
                 raise translate_error(exc) from exc
             except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
                 raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
@@ -778,14 +807,21 @@ class Node:
             # Our own writes not yet on the stream stay enforced.
             for event in list(self._pending.values()):
                 self._cache.apply(event)
-            # Catch up from the watermark.
-            while True:
-                reply = await self._drain(await conn.call(
-                    "XREAD", "COUNT", self._batch, "STREAMS", self._keys["log"], self._cursor,
-                    sink=self._on_xread,
-                ))  # fmt: skip
-                if self._resync_needed or not reply or len(reply[0][1]) < self._batch:
-                    break
+            # Catch up from the watermark to where the stream is now — not
+            # until it is quiet, which under sustained writes may be never; the
+            # reader takes over from there.
+            head = await conn.call("FCALL_RO", "banbus_state", 1, self.namespace)
+            self._catchup_until = str(head[0])
+            try:
+                while not _id_le(self._catchup_until, self._cursor):
+                    reply = await self._drain(await conn.call(
+                        "XREAD", "COUNT", self._batch, "STREAMS", self._keys["log"],
+                        self._cursor, sink=self._on_xread,
+                    ))  # fmt: skip
+                    if self._resync_needed or not reply or len(reply[0][1]) < self._batch:
+                        break
+            finally:
+                self._catchup_until = None
             if not self._resync_needed:
                 break
         else:
@@ -865,7 +901,11 @@ class Node:
             return
         entries = reply[0][1]
         conn = self._conn
-        if len(entries) >= self._batch and isinstance(conn, RespConnection):
+        if (
+            len(entries) >= self._batch
+            and isinstance(conn, RespConnection)
+            and (self._catchup_until is None or not _id_le(self._catchup_until, entries[-1][0]))
+        ):
             # A full batch: more is likely waiting.  Ask for it now, so Redis
             # and the network work while we apply this one.
             self._prefetch.append(conn.call(
