@@ -377,7 +377,10 @@ class BanCache:
         if len(strings) < 65536:
             reason = strings.setdefault(reason, reason)
             origin = strings.setdefault(origin, origin)
-        table.put(target, Entry(expires, reason, origin, seq))
+        if "/" in target:
+            table.put(target, Entry(expires, reason, origin, seq))
+        else:
+            table.exact[target] = Entry(expires, reason, origin, seq)
         if expires:
             bucket = expires // _BUCKET_MS
             due = self._wheel.get(bucket)

@@ -130,6 +130,10 @@ def _text(fields: dict[str, str], name: str, max_bytes: int) -> str:
     return text
 
 
+#: Field names of a ban/allow entry as the function library writes them.
+_LAYOUT: Final = ["op", "target", "expires", "reason", "origin", "eid", "seq"]
+
+
 def ban_fields(fields: list[str]) -> tuple[bool, str, int, str, str, str, int] | None:
     """Read a ban/allow entry in the function library's exact layout, by position.
 
@@ -138,35 +142,25 @@ def ban_fields(fields: list[str]) -> tuple[bool, str, int, str, str, str, int] |
     (the bounds here are conservative; :func:`decode_entry` checks exactly).
     This is the per-event hot path of every node's reader.
     """
+    if len(fields) != 14 or fields[0::2] != _LAYOUT:
+        return None
+    op, target, expires, reason, origin, eid, seq = fields[1::2]
     if (
-        len(fields) == 14
-        and fields[0] == "op"
-        and fields[2] == "target"
-        and fields[4] == "expires"
-        and fields[6] == "reason"
-        and fields[8] == "origin"
-        and fields[10] == "eid"
-        and fields[12] == "seq"
+        (op == "ban" or op == "allow")
+        and 2 <= len(target) <= 64
+        and len(expires) <= 13
+        and expires.isdigit()
+        and expires.isascii()
+        and len(seq) <= 18
+        and seq.isdigit()
+        and seq.isascii()
+        and len(reason) <= MAX_REASON_BYTES // 4
+        and len(origin) <= MAX_ORIGIN_BYTES // 4
+        and len(eid) <= MAX_EID_BYTES // 4
     ):
-        op = fields[1]
-        target, expires, reason = fields[3], fields[5], fields[7]
-        origin, eid, seq = fields[9], fields[11], fields[13]
-        if (
-            (op == "ban" or op == "allow")
-            and 2 <= len(target) <= 64
-            and expires.isascii()
-            and expires.isdigit()
-            and len(expires) <= 13
-            and seq.isascii()
-            and seq.isdigit()
-            and len(seq) <= 18
-            and len(reason) * 4 <= MAX_REASON_BYTES
-            and len(origin) * 4 <= MAX_ORIGIN_BYTES
-            and len(eid) * 4 <= MAX_EID_BYTES
-        ):
-            expires_ms = int(expires)
-            if expires_ms <= _MAX_EXPIRES_MS:
-                return op == "ban", target, expires_ms, reason, origin, eid, int(seq)
+        expires_ms = int(expires)
+        if expires_ms <= _MAX_EXPIRES_MS:
+            return op == "ban", target, expires_ms, reason, origin, eid, int(seq)
     return None
 
 

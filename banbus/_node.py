@@ -42,6 +42,7 @@ Delivery is *at least once, in order, with gap detection*:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -748,6 +749,11 @@ class Node:
             self._conn = None
 
     async def _read(self, conn: _Conn) -> None:
+        if isinstance(conn, RespConnection):
+            if await self._read_chain(conn) == "resync":
+                raise _Resync
+            await self._check(conn)  # idle: compare watermarks
+            return
         with anyio.fail_after(self._block_ms / 1000 + 5.0):
             reply = await conn.call(
                 "XREAD", "COUNT", self._batch, "BLOCK", self._block_ms,
@@ -758,6 +764,84 @@ class Node:
             raise _Resync
         if not reply:
             await self._check(conn)
+
+    async def _read_chain(self, conn: RespConnection) -> str:
+        """Follow the stream with XREADs sent from the socket callback itself.
+
+        Each reply is applied in ``data_received`` and the next ``XREAD BLOCK``
+        goes out from there too, so a ban costs one callback per node — no
+        task wake-up, no cancel scope.  (A full batch sends a non-blocking read
+        *before* applying, so Redis and the network work meanwhile.)  The task
+        only wakes when the chain stops: ``"idle"`` (a BLOCK timed out),
+        ``"resync"``, or an error; or when no reply came for ``block + 5 s``
+        (a dead connection).
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[str] = loop.create_future()
+        key, batch, block = self._keys["log"], self._batch, self._block_ms
+        last_reply = [time.monotonic()]
+
+        def finish(result: str | BaseException) -> None:
+            if not done.done():
+                if isinstance(result, BaseException):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
+
+        def failed(future: asyncio.Future[Any]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                finish(future.exception())  # type: ignore[arg-type]
+
+        def send(cursor: str, blocking: bool) -> None:
+            if blocking:
+                future = conn.call("XREAD", "COUNT", batch, "BLOCK", block, "STREAMS", key,
+                                   cursor, sink=on_block)  # fmt: skip
+            else:
+                future = conn.call("XREAD", "COUNT", batch, "STREAMS", key, cursor,
+                                   sink=on_prefetch)  # fmt: skip
+            future.add_done_callback(failed)
+
+        def on_reply(reply: Any, blocking: bool) -> None:
+            last_reply[0] = time.monotonic()
+            if done.done():
+                return  # a read sent before the chain stopped
+            if self._resync_needed:
+                finish("resync")
+                return
+            if not reply:
+                if blocking:
+                    finish("idle")
+                else:
+                    send(self._cursor, True)
+                return
+            entries = reply[0][1]
+            full = len(entries) >= batch
+            if full:
+                send(entries[-1][0], False)
+            self._apply_entries(entries)
+            if self._resync_needed:
+                finish("resync")
+            elif not full:
+                send(self._cursor, True)
+
+        def on_block(reply: Any) -> None:
+            on_reply(reply, True)
+
+        def on_prefetch(reply: Any) -> None:
+            on_reply(reply, False)
+
+        send(self._cursor, True)
+        limit = block / 1000 + 5.0
+        try:
+            while True:
+                await asyncio.wait([done], timeout=limit)
+                if done.done():
+                    return done.result()
+                if time.monotonic() - last_reply[0] > limit:
+                    raise TimeoutError(f"no reply from Redis within {limit:.0f}s")
+        finally:
+            if not done.done():
+                done.cancel()
 
     async def _drain(self, reply: Any) -> Any:
         """Await prefetched reads (see ``_on_xread``); return the last reply."""
@@ -912,6 +996,10 @@ class Node:
                 "XREAD", "COUNT", self._batch, "STREAMS", self._keys["log"], entries[-1][0],
                 sink=self._on_xread,
             ))  # fmt: skip
+        self._apply_entries(entries)
+
+    def _apply_entries(self, entries: list[Any]) -> None:
+        """Validate and apply stream entries in order; runs inside the socket callback."""
         stats = self._stats
         pending = self._pending
         cache = self._cache
