@@ -48,7 +48,7 @@ all address arithmetic uses whole numbers in doubles (exact below 2^53).
 Numbers are turned into strings with %.0f: tostring(1.8e12) is "1.8e+12".
 ]]
 
-local VERSION = 1
+local VERSION = 2
 
 local DEFAULT_MAXLEN = 100000
 local DEFAULT_MIN_V4 = 8
@@ -56,7 +56,9 @@ local DEFAULT_MIN_V6 = 32
 local DEFAULT_MAX_TTL = 315360000
 local MAX_TARGET_LENGTH = 64
 local MAX_REASON = 512
-local EID_TTL_MS = '86400000'
+-- Long enough for the outbox to retry after an ambiguous failure; a retry
+-- after that is a duplicate event, which applies idempotently.
+local EID_TTL_MS = '3600000'
 local PURGE_BATCH = '100'
 
 -- Errors raised while validating carry this marker so the entry points can

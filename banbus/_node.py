@@ -565,6 +565,12 @@ class Node:
 
     async def _publish(self, event: AnyEvent, args: list[str | int]) -> list[Any] | None:
         """FCALL the write; None if Redis is unreachable (the event waits in the outbox)."""
+        if self._outbox:
+            # Earlier writes are still waiting: this one goes behind them, so
+            # that e.g. a ban and the unban after it land in that order.
+            self._outbox.append(event)
+            self._outbox_wakeup.set()
+            return None
         try:
             return await self._fcall(event, args)
         except RedisUnavailable as exc:

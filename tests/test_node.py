@@ -1128,3 +1128,30 @@ async def test_bootstrap_finishes_under_sustained_writes(redis_url: str, namespa
                     assert node.statistics().last_seq >= 2000
         finally:
             stop.set()
+
+
+@pytest.mark.real_redis
+@pytest.mark.slow
+async def test_outbox_keeps_the_order_of_writes(
+    redis_factory: Callable[..., RedisProcess], namespace: str
+) -> None:
+    """A ban then its unban, both made while Redis is down, land in that order."""
+    proc = redis_factory()
+    async with nodes(proc.url, namespace, 2, backoff=(0.02, 0.2)) as (a, b):
+        proc.stop()
+        with anyio.fail_after(5):
+            await a.ban("203.0.113.70", reason="first")
+            await a.unban("203.0.113.70")
+            await a.ban("203.0.113.71", reason="second")
+        assert not a.is_banned("203.0.113.70")
+        assert a.statistics().outbox_pending == 3
+        proc.start()
+        await eventually(lambda: b.is_banned("203.0.113.71"), 10.0, "last write arrives")
+        assert not b.is_banned("203.0.113.70")  # the unban came after the ban
+        assert not a.is_banned("203.0.113.70")
+        client = aioredis.Redis.from_url(proc.url, decode_responses=True)
+        try:
+            ops = [fields["op"] for _id, fields in await client.xrange(f"{{{namespace}}}:log")]
+            assert ops == ["ban", "unban", "ban"]
+        finally:
+            await client.aclose()
