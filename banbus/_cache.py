@@ -62,10 +62,14 @@ def _split(target: str) -> tuple[int, int, int] | None:
 class _Table:
     """Exact addresses plus CIDR networks of one kind (bans or allowlist)."""
 
-    __slots__ = ("exact", "filter16", "nets", "v4", "v4_lengths", "v6", "v6_lengths")
+    __slots__ = ("exact", "filter16", "members", "nets", "v4", "v4_lengths", "v6", "v6_lengths")
 
     def __init__(self) -> None:
         self.exact: dict[str, Entry] = {}
+        #: The keys of ``exact`` again, as a set: a miss probes one hash table
+        #: slot instead of a dict's index *and* entry (≈190 vs ≈340 ns at a
+        #: million addresses), for ≈34 bytes per address.
+        self.members: set[str] = set()
         #: CIDR target text -> entry (the authoritative map for networks).
         self.nets: dict[str, Entry] = {}
         #: prefix length -> {network >> host_bits: target text}
@@ -89,6 +93,7 @@ class _Table:
         if "/" not in target:
             new = target not in self.exact
             self.exact[target] = entry
+            self.members.add(target)
             return new
         new = target not in self.nets
         self.nets[target] = entry
@@ -108,6 +113,7 @@ class _Table:
 
     def remove(self, target: str) -> Entry | None:
         if "/" not in target:
+            self.members.discard(target)
             return self.exact.pop(target, None)
         entry = self.nets.pop(target, None)
         if entry is None:
@@ -201,7 +207,7 @@ class BanCache:
         self._bans = _Table()
         self._allow = _Table()
         # Bound once: the hot path reads these attributes, never chains them.
-        self._exact = self._bans.exact
+        self._exact = self._bans.members
         self._filter = self._bans.filter16
         self._v4_lengths = self._bans.v4_lengths
         self._v6_lengths = self._bans.v6_lengths
@@ -381,6 +387,7 @@ class BanCache:
             table.put(target, Entry(expires, reason, origin, seq))
         else:
             table.exact[target] = Entry(expires, reason, origin, seq)
+            table.members.add(target)
         if expires:
             bucket = expires // _BUCKET_MS
             due = self._wheel.get(bucket)
@@ -446,6 +453,7 @@ class BanCache:
                     due = wheel[bucket] = ([], [])
                     heapq.heappush(heap, bucket)
                 due[0].append(target)
+        self._bans.members.update(exact)
 
     def clear(self) -> None:
         self.replace((), ())
