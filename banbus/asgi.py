@@ -85,38 +85,40 @@ def _hop_address(text: str) -> str | None:
     return normalize_peer(str(address))
 
 
-def _forwarded_hops(headers: Iterable[tuple[bytes, bytes]]) -> list[str] | None:
-    """The ``for=`` of each ``Forwarded`` element, else the ``X-Forwarded-For`` list.
+def _forwarded_hops(
+    headers: Iterable[tuple[bytes, bytes]], header: str = "x-forwarded-for"
+) -> list[str] | None:
+    """The hops of the one forwarded *header* the proxy writes, or None if absent.
 
-    None when neither header is present.  Hops without a usable ``for=`` are ``""``.
+    Only that header is read: a proxy that appends to ``X-Forwarded-For``
+    passes a client's own ``Forwarded`` header through untouched, so reading
+    both would let the client choose its address.  Hops without a usable
+    ``for=`` are ``""``.
     """
-    forwarded: list[str] = []
-    xff: list[str] = []
-    for name, value in headers:
-        if name == b"forwarded":
-            forwarded.append(value.decode("latin-1"))
-        elif name == b"x-forwarded-for":
-            xff.append(value.decode("latin-1"))
-    if forwarded:
-        hops = []
-        for element in ",".join(forwarded).split(","):
-            hop = ""
-            for pair in element.split(";"):
-                key, _, val = pair.partition("=")
-                if key.strip().lower() == "for":
-                    hop = val
-                    break
-            hops.append(hop)
-        return hops
-    if xff:
-        return ",".join(xff).split(",")
-    return None
+    name = header.encode("latin-1")
+    values = [value.decode("latin-1") for key, value in headers if key == name]
+    if not values:
+        return None
+    elements = ",".join(values).split(",")
+    if name != b"forwarded":
+        return elements
+    hops = []
+    for element in elements:
+        hop = ""
+        for pair in element.split(";"):
+            key, _, val = pair.partition("=")
+            if key.strip().lower() == "for":
+                hop = val
+                break
+        hops.append(hop)
+    return hops
 
 
 def client_address(
     peer: str,
     headers: Iterable[tuple[bytes, bytes]],
     trusted: tuple[_Network, ...],
+    header: str = "x-forwarded-for",
 ) -> str:
     """The client address of a request from *peer*, honouring forwarded headers.
 
@@ -127,7 +129,7 @@ def client_address(
     peer = normalize_peer(peer)
     if not trusted or not _is_trusted(peer, trusted):
         return peer
-    hops = _forwarded_hops(headers)
+    hops = _forwarded_hops(headers, header)
     if not hops:
         return peer
     client = peer
@@ -167,8 +169,12 @@ class BanMiddleware:
 
     :param app: the ASGI application.
     :param node: the :class:`~banbus.Node` (its supervisor tracks in-flight calls).
-    :param trusted_proxies: addresses/networks whose ``Forwarded`` /
-        ``X-Forwarded-For`` headers are believed.
+    :param trusted_proxies: addresses/networks whose forwarded header is believed.
+    :param forwarded_header: the one header your proxy writes:
+        ``"x-forwarded-for"`` (default, as nginx/HAProxy/uvicorn) or
+        ``"forwarded"`` (RFC 7239).  The other is ignored: a proxy passes a
+        client's own copy of it through, and trusting it would let a banned
+        client pick its address.
     :param status: the status of the refusal (403).
     :param body: the refusal's body.
     :param listener: the listener name in-flight calls are tracked under.
@@ -180,6 +186,7 @@ class BanMiddleware:
         node: Node,
         *,
         trusted_proxies: Iterable[str] = (),
+        forwarded_header: str = "x-forwarded-for",
         status: int = 403,
         body: bytes = b"Forbidden\n",
         listener: str = "asgi",
@@ -189,6 +196,13 @@ class BanMiddleware:
         if isinstance(trusted_proxies, str):
             trusted_proxies = (trusted_proxies,)
         self.trusted_proxies = _parse_networks(trusted_proxies)
+        header = forwarded_header.lower()
+        if header not in ("x-forwarded-for", "forwarded"):
+            raise ValueError(
+                "forwarded_header must be 'x-forwarded-for' or 'forwarded', "
+                f"not {forwarded_header!r}"
+            )
+        self.forwarded_header = header
         self.status = status
         self.body = body
         self.listener = listener
@@ -198,7 +212,9 @@ class BanMiddleware:
         peer = scope.get("client")
         if not peer:
             return None
-        return client_address(str(peer[0]), scope.get("headers") or (), self.trusted_proxies)
+        return client_address(
+            str(peer[0]), scope.get("headers") or (), self.trusted_proxies, self.forwarded_header
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -175,8 +175,12 @@ async def test_forwarded_headers_only_from_trusted_proxies(
         async with client(port, "127.0.0.1") as proxy:
             xff = {"x-forwarded-for": "203.0.113.66, 10.1.2.3"}
             assert (await proxy.get("/", headers=xff)).status_code == 403
-            fwd = {"forwarded": 'for="[2001:db8::1]:443", for=203.0.113.66;proto=http'}
-            assert (await proxy.get("/", headers=fwd)).status_code == 403
+            # A client's own Forwarded header, passed through by a proxy that
+            # appends to X-Forwarded-For, is not read: the banned address shows.
+            both = {"forwarded": "for=198.51.100.77", "x-forwarded-for": "203.0.113.66"}
+            assert (await proxy.get("/", headers=both)).status_code == 403
+            fwd = {"forwarded": "for=203.0.113.66"}
+            assert (await proxy.get("/", headers=fwd)).status_code == 200
             # A spoofed leftmost hop does not launder the banned rightmost one...
             xff = {"x-forwarded-for": "198.51.100.1, 203.0.113.66"}
             assert (await proxy.get("/", headers=xff)).status_code == 403
@@ -224,9 +228,13 @@ def test_client_address_parsing() -> None:
     h = [(b"x-forwarded-for", b"1.2.3.4, unknown, 10.0.0.2")]
     assert client_address("10.0.0.1", h, trusted) == "10.0.0.2"
     h = [(b"forwarded", b'for="[2001:db8::7]:80";proto=https, for=10.0.0.9')]
-    assert client_address("::1", h, trusted) == "2001:db8::7"
-    h = [(b"forwarded", b"for=1.2.3.4:5678")]
-    assert client_address("10.9.9.9", h, trusted) == "1.2.3.4"
+    assert client_address("::1", h, trusted, "forwarded") == "2001:db8::7"
+    assert client_address("::1", h, trusted) == "::1"  # not the configured header
+    h = [(b"forwarded", b"for=1.2.3.4:5678"), (b"x-forwarded-for", b"5.6.7.8")]
+    assert client_address("10.9.9.9", h, trusted, "forwarded") == "1.2.3.4"
+    assert client_address("10.9.9.9", h, trusted) == "5.6.7.8"
+    with pytest.raises(ValueError, match="forwarded_header"):
+        BanMiddleware(App(), None, forwarded_header="x-real-ip")  # type: ignore[arg-type]
     assert client_address("10.0.0.1", [], trusted) == "10.0.0.1"
     with pytest.raises(ValueError, match="trusted proxy"):
         BanMiddleware(App(), None, trusted_proxies=("10.0.0.1/8",))  # type: ignore[arg-type]
