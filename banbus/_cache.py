@@ -323,6 +323,10 @@ class BanCache:
         """Bans held (including expired ones the sweep has not reclaimed yet)."""
         return len(self._bans)
 
+    def allow_targets(self) -> set[str]:
+        """The targets on the allowlist (expired ones not yet swept included)."""
+        return set(self._allow.exact) | set(self._allow.nets)
+
     @property
     def allow_count(self) -> int:
         return len(self._allow)

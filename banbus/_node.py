@@ -295,6 +295,11 @@ class Node:
         self._prefetch: deque[Any] = deque()
         #: During bootstrap: the stream id to catch up to before the body runs.
         self._catchup_until: str | None = None
+        #: Own writes Redis acknowledged: eid -> seq (see _sync).
+        self._acked: dict[str, int] = {}
+        self._sync_timeout = 120.0
+        #: How long aclose() waits for the outbox to drain.
+        self._flush_timeout = 2.0
         self._stats = dict.fromkeys(("applied", "skipped", "own", "resyncs", "reconnects"), 0)
         self._lag_ms = 0.0
         self._max_lag_ms = 0.0
@@ -354,6 +359,15 @@ class Node:
         """Stop the reader and release connections (idempotent)."""
         if self._state == "closed":
             return
+        if self._outbox and self._state == "running":
+            # Give writes made while Redis was away a last chance to land.
+            with anyio.move_on_after(self._flush_timeout):
+                while self._outbox:
+                    self._outbox_wakeup.set()
+                    await anyio.sleep(0.01)
+            if self._outbox:
+                log.warning("banbus: %s closed with %d unpublished writes (Redis unreachable)",
+                            self.node_id, len(self._outbox))  # fmt: skip
         self._state = "closed"
         stack, self._stack = self._stack, None
         # Not shielded: the task group's scope must be exited from the scope it
@@ -522,6 +536,7 @@ class Node:
         if reply is None:
             return BanRecord(text, expires, reason, self.node_id, 0, kind)
         seq, _sid, canonical, server_expires = reply
+        self._ack(eid, int(seq))
         if isinstance(canonical, bytes):
             canonical = canonical.decode()
         return BanRecord(str(canonical), int(server_expires), reason, self.node_id, int(seq),
@@ -548,7 +563,12 @@ class Node:
         if int(reply[0]) == 0:
             self._pending.pop(eid, None)  # nothing was written: no event will come back
             return held
+        self._ack(eid, int(reply[0]))
         return True
+
+    def _ack(self, eid: str, seq: int) -> None:
+        if eid in self._pending:  # not yet read back from the stream
+            self._acked[eid] = seq
 
     def _apply_local(self, event: AnyEvent) -> None:
         if self._cache.apply(event):
@@ -711,8 +731,12 @@ class Node:
         assert conn is not None
         try:
             await self._sync(conn, first=True)
-        except (ConnectionError, OSError) as exc:
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            conn.close()
             raise RedisUnavailable(f"bootstrap failed: {exc}") from exc
+        except RespError as exc:
+            conn.close()
+            raise ServerError(f"bootstrap refused by the server: {exc}") from exc
         task_status.started()
         delay = self._backoff[0]
         resync = False
@@ -737,8 +761,21 @@ class Node:
                     delay = self._backoff[0]
                 except _Resync:
                     resync = True
-                except (ConnectionError, OSError, TimeoutError, RedisUnavailable, RespError,
-                        ServerError) as exc:  # fmt: skip
+                except Exception as exc:
+                    # Connection trouble — or a bug: either way the reader must
+                    # not die (that would cancel the user's `async with` body).
+                    # Reconnect and resync from the record.
+                    if not isinstance(
+                        exc,
+                        ConnectionError
+                        | OSError
+                        | TimeoutError
+                        | RedisUnavailable
+                        | RespError
+                        | ServerError,
+                    ):
+                        log.exception("banbus: reader of %s failed; resyncing", self.node_id)
+                        resync = True
                     self._prefetch.clear()  # their connection is gone
                     if conn is not None:
                         conn.close()
@@ -883,6 +920,12 @@ class Node:
 
     async def _sync(self, conn: _Conn, *, first: bool) -> None:
         """Bootstrap (or resync): watermark, record, then the stream from the watermark."""
+        # A silent server (blackholed link, SIGSTOP) must not hang the reader:
+        # no single round trip of a resync may take this long.
+        with anyio.fail_after(self._sync_timeout):
+            await self._sync_inner(conn, first=first)
+
+    async def _sync_inner(self, conn: _Conn, *, first: bool) -> None:
         for _attempt in range(10):
             sent = time.monotonic_ns()
             state = await conn.call("FCALL_RO", "banbus_state", 1, self.namespace)
@@ -890,11 +933,20 @@ class Node:
             bans = await self._scan(conn, self._keys["bans"])
             allows = await self._scan(conn, self._keys["allow"])
             self._resync_needed = False
+            allowed_before = self._cache.allow_targets()
             newly = self._cache.replace(bans, allows)
+            # A lifted allowlist entry may expose banned connections too.
+            newly += allowed_before - self._cache.allow_targets()
             self._cursor = str(state[0])
             self._last_seq = int(state[1])
             self._epoch = str(state[2] or "")
-            # Our own writes not yet on the stream stay enforced.
+            # Own writes Redis has not acknowledged (in flight, or in the
+            # outbox) stay enforced.  Acknowledged ones are in this snapshot or
+            # will come from the stream after it (or were lost with a wiped
+            # namespace, like everyone else's): they need no re-applying.
+            for eid in self._acked:
+                self._pending.pop(eid, None)
+            self._acked.clear()
             for event in list(self._pending.values()):
                 self._cache.apply(event)
             # Catch up from the watermark to where the stream is now — not
@@ -938,6 +990,8 @@ class Node:
             entries: list[Entry | None]
             try:
                 entries = entries_decoder.decode("[" + ",".join(values) + "]")  # type: ignore[assignment]
+                if len(entries) != len(values):  # a value with a top-level comma
+                    raise msgspec.DecodeError("value count mismatch")
             except (msgspec.DecodeError, msgspec.ValidationError):
                 entries = [
                     self._decode_one(key, t, v) for t, v in zip(targets, values, strict=True)
@@ -1004,6 +1058,16 @@ class Node:
             ))  # fmt: skip
         self._apply_entries(entries)
 
+    def _skip_entry(self, entry_id: str, fields: list[str] | None) -> None:
+        """Move past a skipped entry without counting its seq as seen.
+
+        A hand-written entry may carry any ``seq``; believing it would make the
+        real event with that number look like a step back.  (The price: an
+        entry a *newer* library version numbered but this node cannot read
+        costs a resync — version upgrades should roll nodes first.)
+        """
+        self._cursor = entry_id
+
     def _apply_entries(self, entries: list[Any]) -> None:
         """Validate and apply stream entries in order; runs inside the socket callback."""
         stats = self._stats
@@ -1034,19 +1098,20 @@ class Node:
                     applied += 1
                     if eid in pending and origin == node_id:
                         del pending[eid]
+                        self._acked.pop(eid, None)
                         stats["own"] += 1
                     continue
             try:
                 event = decode_flat(fields or [])
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 self._skip(f"stream entry {entry_id}", str(exc))
-                self._cursor = entry_id
+                self._skip_entry(entry_id, fields)
                 continue
             if event.seq == 0 or not self._valid_target(event.target):
                 self._skip(f"stream entry {entry_id}",
                            "no sequence number (not written by the banbus functions)"
                            if event.seq == 0 else f"invalid target {event.target!r}")  # fmt: skip
-                self._cursor = entry_id
+                self._skip_entry(entry_id, fields)
                 continue
             if event.seq != self._last_seq + 1:
                 if event.seq <= self._last_seq and not _id_le(entry_id, self._cursor):
@@ -1064,6 +1129,7 @@ class Node:
             applied += 1
             if event.eid in pending and event.origin == self.node_id:
                 del pending[event.eid]
+                self._acked.pop(event.eid, None)
                 stats["own"] += 1
         if applied:
             stats["applied"] += applied
@@ -1102,15 +1168,25 @@ class Node:
                 else:
                     args = [event.target]
                 try:
-                    await self._fcall(event, args)
+                    reply = await self._fcall(event, args)
                 except RedisUnavailable:
                     await anyio.sleep(delay * random.uniform(0.5, 1.0))
                     delay = min(delay * 2, self._backoff[1])
                     continue
                 except BanbusError as exc:
-                    log.error("banbus: outbox %s %s refused by the server: %s",
+                    log.error("banbus: outbox %s %s refused by the server: %s; undone here",
                               _op(event), event.target, exc)  # fmt: skip
                     self._pending.pop(event.eid, None)
+                    # Do not diverge: the cluster never got it, so neither do we.
+                    if isinstance(event, Ban):
+                        self._cache.apply(Unban(target=event.target))
+                    elif isinstance(event, Allow):
+                        self._cache.apply(Disallow(target=event.target))
+                else:
+                    if int(reply[0]):
+                        self._ack(event.eid, int(reply[0]))
+                    else:
+                        self._pending.pop(event.eid, None)
                 self._outbox.popleft()
                 delay = self._backoff[0]
 

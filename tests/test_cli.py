@@ -173,6 +173,7 @@ def test_watch_shows_malformed_entries(cli: Run, r: redis.Redis, namespace: str)
     assert "malformed" in out
 
 
+@pytest.mark.real_redis  # synchronises on CLIENT LIST's cmd field (not in fakeredis)
 def test_watch_live_in_a_subprocess(redis_url: str, namespace: str, r: redis.Redis) -> None:
     with subprocess.Popen(
         [

@@ -640,6 +640,7 @@ async def test_unsafe_input_refused_by_fcall(
 # -- faults: reconnect, resync, outbox ---------------------------------------------------------
 
 
+@pytest.mark.real_redis  # fakeredis has no CLIENT KILL
 @pytest.mark.parametrize("how", ["id", "type-normal"])
 async def test_reader_reconnects_after_client_kill(
     redis_url: str, namespace: str, admin: aioredis.Redis, how: str
@@ -1155,3 +1156,55 @@ async def test_outbox_keeps_the_order_of_writes(
             assert ops == ["ban", "unban", "ban"]
         finally:
             await client.aclose()
+
+
+async def test_malformed_record_value_is_skipped_not_fatal(
+    redis_url: str, namespace: str, admin: aioredis.Redis
+) -> None:
+    """A hand-edited hash value holding two JSON arrays must not break a page decode."""
+    async with nodes(redis_url, namespace, 1) as (a,):
+        await a.ban("10.0.0.1")
+        await a.ban("10.0.0.2")
+    await admin.hset(f"{{{namespace}}}:bans", "10.0.0.3", '[0,"x","y",1],[0,"x","y",2]')
+    await admin.hset(f"{{{namespace}}}:bans", "0.0.0.0/0", '[0,"x","y",3]')
+    async with nodes(redis_url, namespace, 1) as (b,):
+        assert b.is_banned("10.0.0.1")
+        assert b.is_banned("10.0.0.2")
+        assert not b.is_banned("10.0.0.3")
+        assert not b.is_banned("8.8.8.8")  # the /0 record was refused
+        assert b.statistics().events_skipped == 2
+
+
+@pytest.mark.real_redis
+@pytest.mark.slow
+async def test_acknowledged_own_write_is_not_reapplied_after_resync(
+    redis_factory: Callable[..., RedisProcess], namespace: str
+) -> None:
+    """An own ban published from the outbox, then lifted elsewhere, stays lifted."""
+    proc = redis_factory()
+    async with nodes(proc.url, namespace, 2, block_ms=300, backoff=(0.02, 0.2)) as (a, b):
+        warmup = await a.ban("10.9.9.9")
+        await synced(warmup.seq, a, b)
+        proc.stop()  # Redis crashes and comes back empty
+        await a.ban("10.0.0.7", reason="decided while down")
+        proc.start()
+        await eventually(
+            lambda: a.statistics().outbox_pending == 0 and b.is_banned("10.0.0.7"),
+            10.0,
+            "outbox published",
+        )
+        record_seq = b.statistics().last_seq
+        await synced(record_seq, a)
+        lifted = await b.unban("10.0.0.7")
+        assert lifted
+        await eventually(lambda: not a.is_banned("10.0.0.7"), 5.0, "unban reaches a")
+        resyncs = a.statistics().resyncs
+        # Force another resync of a: wipe the namespace's epoch.
+        client = aioredis.Redis.from_url(proc.url)
+        try:
+            await client.set(f"{{{namespace}}}:epoch", "reset")
+        finally:
+            await client.aclose()
+        await eventually(lambda: a.statistics().resyncs > resyncs, 10.0, "a resyncs")
+        assert not a.is_banned("10.0.0.7")
+        assert not a._pending
