@@ -48,7 +48,7 @@ all address arithmetic uses whole numbers in doubles (exact below 2^53).
 Numbers are turned into strings with %.0f: tostring(1.8e12) is "1.8e+12".
 ]]
 
-local VERSION = 2
+local VERSION = 3
 
 local DEFAULT_MAXLEN = 100000
 local DEFAULT_MIN_V4 = 8
@@ -317,7 +317,18 @@ local ADDRESS_HINT = ' is not an IP address or CIDR network '
   .. '(expected e.g. 203.0.113.7, 198.51.100.0/24 or 2001:db8::/48)'
 
 -- Returns the canonical text of `text`; fails like parse_target would.
+local function plain_octet(p)
+  return #p <= 3 and (#p == 1 or string.byte(p, 1) ~= 48) and tonumber(p) <= 255
+end
+
 local function canonical_target(text, min_v4, min_v6, force)
+  -- Fast path, the common case: a plain dotted quad (no space, no prefix,
+  -- octets 0-255 without leading zeros) is its own canonical form.  The
+  -- general path below gives the same answer, ten times slower.
+  local a, b, c, d = string.match(text, '^(%d+)%.(%d+)%.(%d+)%.(%d+)$')
+  if a and plain_octet(a) and plain_octet(b) and plain_octet(c) and plain_octet(d) then
+    return text
+  end
   local raw = strip(text)
   if raw == '' then
     fail('BANBUS_INVALID', 'target is empty; expected an IP address or CIDR network')
@@ -446,6 +457,7 @@ local function parse_ttl(text, max_ttl)
 end
 
 local function valid_utf8(s)
+  if not string.find(s, '[\128-\255]') then return true end  -- ASCII
   local i, n = 1, #s
   while i <= n do
     local c = string.byte(s, i)
