@@ -75,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in removals:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("target")
+    p = sub.add_parser(
+        "clear",
+        help="delete every ban, allowlist entry and the log of the namespace",
+        description="Delete the whole namespace on purpose.  Running nodes drop what they "
+        "hold instead of re-seeding it (they would after an accidental loss).",
+    )
+    p.add_argument("--yes", action="store_true", help="really do it (required)")
     p = sub.add_parser("list", help="list current bans and allowlist entries")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("check", help="is this IP banned? (exit 0 no, 1 yes, 2 error)")
@@ -121,7 +128,7 @@ async def _run(args: argparse.Namespace) -> int:
     commands: dict[str, Callable[[aioredis.Redis, argparse.Namespace], Coroutine[Any, Any, int]]]
     commands = {
         "ban": _cmd_write, "allow": _cmd_write, "unban": _cmd_remove, "disallow": _cmd_remove,
-        "list": _cmd_list, "check": _cmd_check, "watch": _cmd_watch,
+        "list": _cmd_list, "check": _cmd_check, "watch": _cmd_watch, "clear": _cmd_clear,
     }  # fmt: skip
     # Validate before connecting: bad input writes nothing and needs no server.
     if args.command in ("ban", "allow"):
@@ -130,6 +137,10 @@ async def _run(args: argparse.Namespace) -> int:
         args.reason = check_reason(args.reason)
     elif args.command in ("unban", "disallow"):
         args.canonical = parse_target(args.target, force=True).text
+    elif args.command == "clear" and not args.yes:
+        raise InvalidInput(
+            f"clear deletes every ban of namespace {args.namespace!r}; add --yes to confirm"
+        )
     elif args.command == "check":
         from ._targets import normalize_peer
 
@@ -169,6 +180,18 @@ async def _cmd_write(client: aioredis.Redis, args: argparse.Namespace) -> int:
     seq, _sid, target, expires = reply
     verb = "banned" if args.command == "ban" else "allowlisted"
     print(f"{verb} {_s(target)} {_until(int(expires))} (seq {int(seq)})")
+    return EXIT_OK
+
+
+async def _cmd_clear(client: aioredis.Redis, args: argparse.Namespace) -> int:
+    tag = "{" + args.namespace + "}"
+    # The marker first: nodes that notice the reset must see it and not re-seed.
+    await client.set(f"{tag}:cleared", "1", px=600_000)
+    found = [key async for key in client.scan_iter(match=f"{tag}:*", count=1000)]
+    doomed = [k for k in found if _s(k) != f"{tag}:cleared"]
+    if doomed:
+        await client.delete(*doomed)
+    print(f"cleared namespace {args.namespace!r} ({len(doomed)} keys)")
     return EXIT_OK
 
 

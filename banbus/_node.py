@@ -234,6 +234,11 @@ class Node:
         watermark this often.
     :param batch_size: stream entries per read.
     :param backoff: (first, cap) reconnect delay in seconds; jittered.
+    :param reseed: when the namespace comes back empty (Redis lost its data:
+        restart without persistence, failover to an empty replica, FLUSHALL),
+        re-publish the bans and allowlist this node held — one node wins a
+        lock and does it.  A namespace emptied on purpose with ``banbus
+        clear`` is not re-seeded.
     """
 
     def __init__(
@@ -248,6 +253,7 @@ class Node:
         batch_size: int = 2000,
         backoff: tuple[float, float] = (0.05, 2.0),
         scan_count: int = 10_000,
+        reseed: bool = True,
     ) -> None:
         self._keys = namespace_keys(namespace)
         self.namespace = namespace
@@ -268,6 +274,7 @@ class Node:
         self._batch = batch_size
         self._backoff = backoff
         self._scan_count = scan_count
+        self._reseed_enabled = reseed
         self._state: Literal["new", "starting", "running", "closed"] = "new"
 
         self._offset_ms = 0
@@ -933,6 +940,14 @@ class Node:
             bans = await self._scan(conn, self._keys["bans"])
             allows = await self._scan(conn, self._keys["allow"])
             self._resync_needed = False
+            new_epoch = str(state[2] or "")
+            reset = (self._epoch and new_epoch != self._epoch) or int(state[1]) < self._last_seq
+            if not first and reset and self._reseed_enabled:
+                # The namespace was reset under us: keep what we held, to
+                # re-publish it if nobody cleared the namespace on purpose.
+                held = (list(self._cache.records("allow")), list(self._cache.records("ban")))
+                if (held[0] or held[1]) and self._tg is not None:
+                    self._tg.start_soon(self._reseed, held, self._epoch)
             allowed_before = self._cache.allow_targets()
             newly = self._cache.replace(bans, allows)
             # A lifted allowlist entry may expose banned connections too.
@@ -1149,6 +1164,44 @@ class Node:
             await anyio.sleep(delay)
             cache = self._cache  # replaced wholesale on resync
             cache.expire()
+
+    async def _reseed(self, held: tuple[list[BanRecord], list[BanRecord]], old_epoch: str) -> None:
+        """Re-publish *held* records into a namespace that came back empty.
+
+        One node wins ``SET {ns}:reseed NX``; event ids derived from the old
+        epoch and the target make a re-publication by a second node (after the
+        lock expired) a no-op.  An operator's ``banbus clear`` leaves a
+        ``{ns}:cleared`` marker that stops it.
+        """
+        assert self._client is not None
+        tag = "{" + self.namespace + "}"
+        try:
+            if await self._client.exists(f"{tag}:cleared"):
+                log.info("banbus: %s was cleared on purpose; not re-seeding", self.namespace)
+                return
+            won = await self._client.set(f"{tag}:reseed", self.node_id, nx=True, px=60_000)
+            if not won:
+                return
+            now = self._server_now()
+            count = 0
+            for records, name in ((held[0], "banbus_allow"), (held[1], "banbus_ban")):
+                for start in range(0, len(records), 1000):
+                    pipe = self._client.pipeline(transaction=False)
+                    for record in records[start : start + 1000]:
+                        left = record.expires - now if record.expires else 0
+                        if record.expires and left <= 0:
+                            continue
+                        seconds = -(-left // 1000) if record.expires else 0
+                        eid = "reseed." + old_epoch + "." + record.target.replace("/", "@")
+                        pipe.fcall(name, 1, self.namespace, record.target, seconds,
+                                   record.reason, "FORCE", "ORIGIN", record.origin or "fcall",
+                                   "EID", eid[:128])  # fmt: skip
+                        count += 1
+                    await pipe.execute(raise_on_error=False)
+            log.warning("banbus: namespace %r came back empty; %s re-published %d entries",
+                        self.namespace, self.node_id, count)  # fmt: skip
+        except redis_errors.RedisError as exc:
+            log.error("banbus: re-seeding %r failed: %s", self.namespace, exc)
 
     async def _outbox_task(self) -> None:
         delay = self._backoff[0]

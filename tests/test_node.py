@@ -28,6 +28,7 @@ from banbus import (
     NodeClosed,
     UnsafeBan,
 )
+from banbus._cli import main
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -709,7 +710,7 @@ async def test_resync_after_the_stream_was_trimmed_past_a_node(
 async def test_resync_after_the_namespace_was_wiped(
     redis_url: str, namespace: str, admin: aioredis.Redis
 ) -> None:
-    async with nodes(redis_url, namespace, 3, block_ms=200) as (a, b, c):
+    async with nodes(redis_url, namespace, 3, block_ms=200, reseed=False) as (a, b, c):
         for i in range(5):
             record = await a.ban(f"192.0.2.{i}")
         await b.allow("192.0.2.4")
@@ -741,7 +742,9 @@ async def test_connection_lost_during_a_resync(
     redis_url: str, namespace: str, admin: aioredis.Redis
 ) -> None:
     """A resync that fails half-way reconnects and resyncs again; the node lives on."""
-    async with nodes(redis_url, namespace, 2, block_ms=100, backoff=(0.01, 0.05)) as (a, b):
+    async with nodes(
+        redis_url, namespace, 2, block_ms=100, backoff=(0.01, 0.05), reseed=False
+    ) as (a, b):
         record = await a.ban("192.0.2.1")
         await synced(record.seq, a, b)
         real_sync = b._sync
@@ -1208,3 +1211,52 @@ async def test_acknowledged_own_write_is_not_reapplied_after_resync(
         await eventually(lambda: a.statistics().resyncs > resyncs, 10.0, "a resyncs")
         assert not a.is_banned("10.0.0.7")
         assert not a._pending
+
+
+async def test_nodes_reseed_a_namespace_that_came_back_empty(
+    redis_url: str, namespace: str, admin: aioredis.Redis
+) -> None:
+    """Redis lost the data (FLUSHALL, empty failover): the nodes put it back."""
+    async with nodes(redis_url, namespace, 2, block_ms=200) as (a, b):
+        await a.ban("192.0.2.1", ttl=3600, reason="kept")
+        await a.ban("198.51.100.0/24", reason="net")
+        record = await b.allow("192.0.2.9", reason="office")
+        await synced(record.seq, a, b)
+        found = [k async for k in admin.scan_iter(match="{" + namespace + "}*")]
+        await admin.delete(*found)
+        await eventually(
+            lambda: (
+                {"192.0.2.1", "198.51.100.0/24"} <= set(_bans_of(b)) and b.statistics().resyncs >= 1
+            ),
+            10.0,
+            "re-seeded bans reach the nodes",
+        )
+        await eventually(lambda: a.is_allowed("192.0.2.9"), 10.0, "re-seeded allowlist")
+        assert {"192.0.2.1", "198.51.100.0/24"} <= await server_bans(admin, namespace)
+        kept = b.lookup("192.0.2.1")
+        assert kept is not None and kept.reason == "kept" and kept.expires > 0
+        assert b.is_banned("198.51.100.7")
+        # Exactly one node re-published (the lock), each entry once.
+        log = await admin.xrange(f"{{{namespace}}}:log")
+        assert len(log) == 3
+
+
+async def test_clear_on_purpose_is_not_reseeded(
+    redis_url: str, namespace: str, admin: aioredis.Redis
+) -> None:
+    async with nodes(redis_url, namespace, 2, block_ms=200) as (a, b):
+        record = await a.ban("192.0.2.1")
+        await synced(record.seq, a, b)
+        argv = ["--redis", redis_url, "-n", namespace, "clear", "--yes"]
+        assert await anyio.to_thread.run_sync(main, argv) == 0
+        await eventually(
+            lambda: not a.is_banned("192.0.2.1") and not b.is_banned("192.0.2.1"),
+            10.0,
+            "clear reaches the nodes",
+        )
+        assert await server_bans(admin, namespace) == set()
+        assert await admin.xlen(f"{{{namespace}}}:log") == 0
+
+
+def _bans_of(node: Node) -> list[str]:
+    return [r.target for r in node.bans()]
