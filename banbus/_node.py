@@ -166,7 +166,7 @@ class NodeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     outbox_pending: int
     #: Sequence number of the last applied event.
     last_seq: int
-    #: Estimated offset of the server clock to this host's monotonic clock.
+    #: Redis server clock minus this host's wall clock (expiry uses the server's).
     clock_offset_ms: int
     connected: bool
 
@@ -699,7 +699,7 @@ class Node:
             allows_active=self._cache.allow_count,
             outbox_pending=len(self._outbox),
             last_seq=self._last_seq,
-            clock_offset_ms=self._offset_ms,
+            clock_offset_ms=self._server_now() - time.time_ns() // 1_000_000,
             connected=self._conn is not None and self._conn.is_open,
         )
 

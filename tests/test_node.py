@@ -742,9 +742,10 @@ async def test_connection_lost_during_a_resync(
     redis_url: str, namespace: str, admin: aioredis.Redis
 ) -> None:
     """A resync that fails half-way reconnects and resyncs again; the node lives on."""
-    async with nodes(
-        redis_url, namespace, 2, block_ms=100, backoff=(0.01, 0.05), reseed=False
-    ) as (a, b):
+    async with nodes(redis_url, namespace, 2, block_ms=100, backoff=(0.01, 0.05), reseed=False) as (
+        a,
+        b,
+    ):
         record = await a.ban("192.0.2.1")
         await synced(record.seq, a, b)
         real_sync = b._sync

@@ -1,0 +1,98 @@
+"""Prometheus metrics for banbus nodes (``pip install 'banbus[metrics]'``).
+
+::
+
+    from prometheus_client import start_http_server
+    import banbus.metrics
+
+    async with banbus.Node(url, node_id="mx1") as node:
+        banbus.metrics.register(node)   # the default registry
+        start_http_server(9108)
+
+Values are read from :meth:`Node.statistics` and
+:meth:`Supervisor.statistics` at scrape time: no work on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from ._node import Node
+
+__all__ = ["BanbusCollector", "register"]
+
+_COUNTERS = {
+    "events_applied": "Stream events applied",
+    "events_skipped": "Malformed stream entries or records skipped",
+    "own_events_confirmed": "Own events seen coming back from the stream",
+    "resyncs": "Full reloads from the record (gap, trimmed cursor, reset namespace)",
+    "reconnects": "Reader reconnections",
+}
+_GAUGES = {
+    "lag_ms": "Milliseconds from the last event's creation to its application",
+    "max_lag_ms": "Highest lag seen",
+    "bans_active": "Bans held locally",
+    "networks_active": "CIDR networks among the bans held",
+    "allows_active": "Allowlist entries held",
+    "outbox_pending": "Local writes waiting for Redis",
+    "last_seq": "Sequence number of the last applied event",
+    "clock_offset_ms": "Redis server clock minus this host's clock",
+}
+_SUPERVISOR_COUNTERS = {
+    "accepted": "Connections accepted by the supervisor",
+    "refused": "Connections refused at accept (peer banned)",
+    "cut": "Live connections cut because a ban landed",
+}
+
+
+class BanbusCollector(Collector):
+    """Exposes the statistics of one or more nodes, labelled by node and namespace."""
+
+    def __init__(self, *nodes: Node) -> None:
+        self._nodes = list(nodes)
+
+    def add(self, node: Node) -> None:
+        self._nodes.append(node)
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["node", "namespace"]
+        families: dict[str, Any] = {}
+        for name, doc in _COUNTERS.items():
+            families[name] = CounterMetricFamily(f"banbus_{name}", doc, labels=labels)
+        for name, doc in _GAUGES.items():
+            families[name] = GaugeMetricFamily(f"banbus_{name}", doc, labels=labels)
+        families["connected"] = GaugeMetricFamily(
+            "banbus_connected", "1 if the stream reader is connected", labels=labels
+        )
+        families["tracked"] = GaugeMetricFamily(
+            "banbus_connections_tracked", "Live connections tracked", labels=labels
+        )
+        for name, doc in _SUPERVISOR_COUNTERS.items():
+            families[f"sup_{name}"] = CounterMetricFamily(
+                f"banbus_connections_{name}", doc, labels=labels
+            )
+        for node in self._nodes:
+            stats = node.statistics()
+            values = [stats.node_id, stats.namespace]
+            for name in (*_COUNTERS, *_GAUGES):
+                families[name].add_metric(values, float(getattr(stats, name)))
+            families["connected"].add_metric(values, 1.0 if stats.connected else 0.0)
+            supervisor = node.supervisor.statistics()
+            families["tracked"].add_metric(values, float(supervisor.tracked))
+            for name in _SUPERVISOR_COUNTERS:
+                families[f"sup_{name}"].add_metric(values, float(getattr(supervisor, name)))
+        yield from families.values()
+
+
+def register(node: Node, registry: CollectorRegistry = REGISTRY) -> BanbusCollector:
+    """Register a collector for *node* with *registry* (default: the global one)."""
+    collector = BanbusCollector(node)
+    registry.register(collector)
+    return collector
