@@ -15,13 +15,14 @@ Values are read from :meth:`Node.statistics` and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from prometheus_client.metrics_core import Metric
 
     from ._node import Node
