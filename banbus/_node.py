@@ -239,6 +239,9 @@ class Node:
         re-publish the bans and allowlist this node held — one node wins a
         lock and does it.  A namespace emptied on purpose with ``banbus
         clear`` is not re-seeded.
+    :param compact: keep exact IPv4 bans in ~75 bytes each instead of ~270
+        (for millions of imported bans): their expiry is rounded up to the
+        second and ``lookup`` returns them without reason, origin or seq.
     """
 
     def __init__(
@@ -254,6 +257,7 @@ class Node:
         backoff: tuple[float, float] = (0.05, 2.0),
         scan_count: int = 10_000,
         reseed: bool = True,
+        compact: bool = False,
     ) -> None:
         self._keys = namespace_keys(namespace)
         self.namespace = namespace
@@ -278,7 +282,7 @@ class Node:
         self._state: Literal["new", "starting", "running", "closed"] = "new"
 
         self._offset_ms = 0
-        self._cache = BanCache(self._server_now)
+        self._cache = BanCache(self._server_now, compact=compact)
         self._cursor = "0-0"
         self._last_seq = 0
         self._epoch = ""

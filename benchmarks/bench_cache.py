@@ -190,7 +190,7 @@ def rss_bytes() -> int:
 
 
 def measure_memory(n: int, *, kind: str) -> dict[str, Any]:
-    """RSS per entry of a fresh BanCache (``bancache``) or a plain set of str (``set``)."""
+    """RSS per entry of a BanCache (``bancache``, ``compact``) or a plain set of str (``set``)."""
     from banbus._cache import BanCache
     from banbus._model import Entry
 
@@ -200,7 +200,7 @@ def measure_memory(n: int, *, kind: str) -> dict[str, Any]:
     if kind == "set":
         holder: Any = {ip_of(exact_value(i)) for i in range(n)}
     else:
-        holder = BanCache(lambda: now)
+        holder = BanCache(lambda: now, compact=kind == "compact")
         for i in range(n):
             holder.put(
                 "ban",
@@ -210,7 +210,21 @@ def measure_memory(n: int, *, kind: str) -> dict[str, Any]:
     gc.collect()
     after = rss_bytes()
     size = len(holder) if kind == "set" else holder.ban_count
+    miss_ns = 0.0
+    if kind != "set":
+        rng = random.Random(5)
+        probes = [ip_of(rng.getrandbits(32)) for _ in range(200_000)]
+        probes = [p for p in probes if not holder.is_banned(p)]
+        check = holder.is_banned
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter_ns()
+            for p in probes:
+                check(p)
+            best = min(best, (time.perf_counter_ns() - t) / len(probes))
+        miss_ns = best
     return {
+        "miss_ns": miss_ns,
         "bytes_per_entry": (after - before) / n,
         "entries": size,
         "rss_before": before,
@@ -277,13 +291,13 @@ async def run_is_banned(ctx: Context) -> list[Result]:
 async def run_memory(ctx: Context) -> list[Result]:
     n = 1_000_000
     out = {}
-    for kind in ("bancache", "set"):
+    for kind in ("bancache", "compact", "set"):
         worker = await Worker.start(
             f"memory-{kind}", "memory", "--n", str(n), "--kind", kind, timeout=600
         )
         out[kind] = worker.ready
         await worker.stop()
-    ctx.log(f"  BanCache: {out['bancache']}\n  set: {out['set']}")
+    ctx.log(f"  BanCache: {out['bancache']}\n  compact: {out['compact']}\n  set: {out['set']}")
     return [
         Result(
             "memory_bytes_per_ban",
@@ -292,6 +306,23 @@ async def run_memory(ctx: Context) -> list[Result]:
             out["set"]["bytes_per_entry"],
             "plain set of 1M str",
             ("<=", 100),
+        ),
+        Result(
+            "memory_bytes_per_ban_compact",
+            out["compact"]["bytes_per_entry"],
+            "B",
+            out["set"]["bytes_per_entry"],
+            "plain set of 1M str",
+            ("<=", 100),
+            note="Node(compact=True): exact IPv4 as int -> expiry second",
+        ),
+        Result(
+            "is_banned_miss_compact_ns",
+            out["compact"]["miss_ns"],
+            "ns",
+            out["bancache"]["miss_ns"],
+            "default mode, same 1M bans",
+            ("<=", 600),
         ),
     ]
 

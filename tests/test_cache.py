@@ -483,3 +483,49 @@ def test_property_matches_naive_model(
     assert live(allows, clock.now) <= cache.allow_count <= live(allows, before)
     for peer in final_queries:
         check(peer)
+
+
+# -- compact mode ---------------------------------------------------------------------
+
+
+def test_compact_mode_matches_the_default_mode_to_the_second() -> None:
+    now = [1_000_000]
+    full = BanCache(lambda: now[0])
+    small = BanCache(lambda: now[0], compact=True)
+    events = [
+        Ban(target="203.0.113.7", expires=0, reason="r"),
+        Ban(target="203.0.113.8", expires=1_002_000),
+        Ban(target="203.0.113.9", expires=1_005_000),
+        Ban(target="198.51.100.0/24", expires=0),
+        Ban(target="2001:db8::1", expires=0),
+        Allow(target="203.0.113.9"),
+    ]
+    for event in events:
+        full.apply(event)
+        small.apply(event)
+    probes = ["203.0.113.7", "203.0.113.8", "203.0.113.9", "198.51.100.5", "2001:db8::1",
+              "::ffff:203.0.113.7", "192.0.2.1"]  # fmt: skip
+    for t in (1_000_000, 1_001_999, 1_002_000, 1_010_000):
+        now[0] = t
+        assert [small.is_banned(p) for p in probes] == [full.is_banned(p) for p in probes], t
+    assert small._bans.packed  # the exact IPv4 bans really are packed
+    assert "203.0.113.7" not in small._bans.exact
+
+
+def test_compact_mode_records_expiry_unban_and_replace() -> None:
+    now = [1_000_000]
+    small = BanCache(lambda: now[0], compact=True)
+    small.apply(Ban(target="203.0.113.7", expires=1_001_500, reason="dropped"))
+    record = small.lookup("203.0.113.7")
+    assert record is not None
+    assert (record.expires, record.reason) == (1_002_000, "")  # rounded up, no metadata
+    assert [r.target for r in small.records()] == ["203.0.113.7"]
+    small.apply(Unban(target="203.0.113.7"))
+    assert not small.is_banned("203.0.113.7")
+    small.apply(Ban(target="203.0.113.8", expires=1_001_000))
+    now[0] = 1_003_000
+    assert small.expire() == 1
+    assert small.ban_count == 0
+    newly = small.replace([("203.0.113.10", Entry(0)), ("10.0.0.0/8", Entry(0))], [])
+    assert sorted(newly) == ["10.0.0.0/8", "203.0.113.10"]
+    assert small.is_banned("203.0.113.10") and small.is_banned("10.1.2.3")

@@ -1261,3 +1261,18 @@ async def test_clear_on_purpose_is_not_reseeded(
 
 def _bans_of(node: Node) -> list[str]:
     return [r.target for r in node.bans()]
+
+
+async def test_compact_node_bootstraps_and_follows(redis_url: str, namespace: str) -> None:
+    async with nodes(redis_url, namespace, 1) as (a,):
+        await a.ban("203.0.113.7", ttl=3600, reason="scan")
+        await a.ban("198.51.100.0/24")
+        async with Node(redis_url, namespace=namespace, compact=True) as small:
+            assert small.is_banned("203.0.113.7")
+            assert small.is_banned("198.51.100.9")
+            record = await a.ban("203.0.113.8")
+            await small.wait_for_seq(record.seq)
+            assert small.is_banned("203.0.113.8")
+            assert small.cache._bans.packed  # stored packed, not as records
+            record = await a.unban("203.0.113.8")
+            await eventually(lambda: not small.is_banned("203.0.113.8"), 5.0, "unban")
