@@ -946,14 +946,22 @@ class Node:
             self._resync_needed = False
             new_epoch = str(state[2] or "")
             reset = (self._epoch and new_epoch != self._epoch) or int(state[1]) < self._last_seq
+            kept: tuple[list[BanRecord], list[BanRecord]] = ([], [])
             if not first and reset and self._reseed_enabled:
-                # The namespace was reset under us: keep what we held, to
-                # re-publish it if nobody cleared the namespace on purpose.
-                held = (list(self._cache.records("allow")), list(self._cache.records("ban")))
-                if (held[0] or held[1]) and self._tg is not None:
-                    self._tg.start_soon(self._reseed, held, self._epoch)
+                # The namespace was reset under us (Redis lost its data) and
+                # nobody cleared it on purpose: keep enforcing what we held
+                # until the re-publication (one node does it) comes back.
+                cleared = await conn.call("EXISTS", "{" + self.namespace + "}:cleared")
+                if not cleared:
+                    kept = (list(self._cache.records("allow")), list(self._cache.records("ban")))
+                    if (kept[0] or kept[1]) and self._tg is not None:
+                        self._tg.start_soon(self._reseed, kept, self._epoch)
             allowed_before = self._cache.allow_targets()
             newly = self._cache.replace(bans, allows)
+            for records in kept:
+                for record in records:
+                    entry = Entry(record.expires, record.reason, record.origin, record.seq)
+                    self._cache.put(record.kind, record.target, entry)
             # A lifted allowlist entry may expose banned connections too.
             newly += allowed_before - self._cache.allow_targets()
             self._cursor = str(state[0])
