@@ -300,6 +300,8 @@ class Node:
         self._pending: dict[str, AnyEvent] = {}
         #: Own events Redis did not acknowledge, oldest first.
         self._outbox: deque[AnyEvent] = deque()
+        #: Event ids of queued writes that asked for REPLACE (the event has no such field).
+        self._replacing: set[str] = set()
         self._outbox_wakeup = anyio.Event()
         self._seq_waiters: list[tuple[int, anyio.Event]] = []
         #: Reads sent ahead while applying a full batch (see _on_xread).
@@ -536,16 +538,19 @@ class Node:
             args.append("FORCE")
         if replace:
             args.append("REPLACE")
+            self._replacing.add(eid)
         try:
             reply = await self._publish(event, args)
         except BanbusError:
             # The server refused for good (e.g. a stricter namespace config,
             # a wrong key type): undo, so this node does not diverge.
             self._pending.pop(eid, None)
+            self._replacing.discard(eid)
             self._restore(kind, text, previous)
             raise
-        if reply is None:
+        if reply is None:  # queued in the outbox (which keeps the REPLACE mark)
             return BanRecord(text, expires, reason, self.node_id, 0, kind)
+        self._replacing.discard(eid)
         seq, _sid, canonical, server_expires = reply
         self._ack(eid, int(seq))
         if isinstance(canonical, bytes):
@@ -1230,6 +1235,8 @@ class Node:
                         continue
                     seconds = -(-left // 1000) if event.expires else 0
                     args = [event.target, seconds, event.reason, "FORCE"]
+                    if event.eid in self._replacing:
+                        args.append("REPLACE")
                 else:
                     args = [event.target]
                 try:
@@ -1253,6 +1260,7 @@ class Node:
                     else:
                         self._pending.pop(event.eid, None)
                 self._outbox.popleft()
+                self._replacing.discard(event.eid)
                 delay = self._backoff[0]
 
 

@@ -1301,3 +1301,31 @@ async def test_redis_py_reader_fallback(
         await a.unban("203.0.113.7")
         await eventually(lambda: not b.is_banned("203.0.113.7"), 5.0, "unban via fallback")
         assert b.statistics().connected
+
+
+@pytest.mark.real_redis
+async def test_outbox_keeps_replace(
+    redis_factory: Callable[..., RedisProcess], namespace: str
+) -> None:
+    """A queued ban that shortens an expiry (replace=True) still shortens it when published."""
+    proc = redis_factory()
+    admin = aioredis.Redis.from_url(proc.url)
+    try:
+        async with nodes(proc.url, namespace, 2, backoff=(0.02, 0.2)) as (a, b):
+            long = await a.ban("203.0.113.60", ttl=3600)
+            await synced(long.seq, a, b)
+            await admin.config_set("maxmemory", "1")  # writes refused for now: queued
+            short = await a.ban("203.0.113.60", ttl=60, replace=True)
+            assert short.seq == 0
+            await admin.config_set("maxmemory", "0")
+            await eventually(
+                lambda: (
+                    (found := b.lookup("203.0.113.60")) is not None
+                    and found.expires < long.expires - 3_000_000
+                ),
+                10.0,
+                "the shortened expiry reaches b",
+            )
+            assert not a._replacing
+    finally:
+        await admin.aclose()
