@@ -118,10 +118,7 @@ class _Table:
         """Store *entry*; True if *target* was not present before."""
         key = self._packed_key(target)
         if key is not None:
-            new = key not in self.packed
-            seconds = -(-entry.expires // 1000)
-            self.packed[key] = self.seconds.setdefault(seconds, seconds)
-            return new
+            return self.put_packed(key, entry.expires)
         if "/" not in target:
             new = target not in self.exact
             self.exact[target] = entry
@@ -141,6 +138,13 @@ class _Table:
                 key = network >> (128 - plen)
                 self.v6.setdefault(plen, {})[key] = target
             self._lengths()
+        return new
+
+    def put_packed(self, key: int, expires: int) -> bool:
+        """Store the IPv4 address *key* in compact form; True if it was not present."""
+        new = key not in self.packed
+        seconds = -(-expires // 1000)
+        self.packed[key] = self.seconds.setdefault(seconds, seconds)
         return new
 
     def remove(self, target: str) -> Entry | None:
@@ -267,24 +271,16 @@ class BanCache:
         """True if *ip* (as a socket reports it) is banned and not allowlisted."""
         if ip in self._exact:
             return self._confirm(ip)
-        if self._packed:
+        if self._v4_lengths or self._packed:
             try:
                 packed = _pton(_AF_INET, ip)
             except OSError:
                 return self._slow(ip)
-            seconds = self._packed.get(_from_bytes(packed))
-            if seconds is not None and (not seconds or seconds * 1000 > self._clock()):
-                return not self._allowed(ip)
+            if self._packed:  # compact mode: exact IPv4 bans are ints
+                seconds = self._packed.get(_from_bytes(packed))
+                if seconds is not None and (not seconds or seconds * 1000 > self._clock()):
+                    return not self._allowed(ip)
             if self._v4_lengths and self._filter[packed[0] << 8 | packed[1]]:
-                target = self._bans.match_v4(_from_bytes(packed))
-                return target is not None and self._confirm(target, ip)
-            return False
-        if self._v4_lengths:
-            try:
-                packed = _pton(_AF_INET, ip)
-            except OSError:
-                return self._slow(ip)
-            if self._filter[packed[0] << 8 | packed[1]]:
                 target = self._bans.match_v4(_from_bytes(packed))
                 return target is not None and self._confirm(target, ip)
             return False
@@ -449,8 +445,7 @@ class BanCache:
             origin = strings.setdefault(origin, origin)
         key = table._packed_key(target) if table.compact else None
         if key is not None:
-            seconds = -(-expires // 1000)
-            table.packed[key] = table.seconds.setdefault(seconds, seconds)
+            table.put_packed(key, expires)
         elif "/" in target:
             table.put(target, Entry(expires, reason, origin, seq))
         else:
@@ -519,8 +514,7 @@ class BanCache:
                 entry.origin = intern(entry.origin, entry.origin)
             key = self._bans._packed_key(target) if compact else None
             if key is not None:
-                seconds = -(-expires // 1000)
-                self._bans.packed[key] = self._bans.seconds.setdefault(seconds, seconds)
+                self._bans.put_packed(key, expires)
             elif "/" in target:
                 self._bans.put(target, entry)
             else:

@@ -12,7 +12,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import socket
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -31,7 +30,7 @@ from ._model import (
     parse_ttl,
 )
 from ._node import namespace_keys
-from ._targets import parse_target
+from ._targets import format_target, parse_target
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
@@ -260,13 +259,10 @@ def _candidates(ip: str) -> list[str]:
     """*ip* and every network that could cover it, in canonical text."""
     t = parse_target(ip)
     bits = 32 if t.version == 4 else 128
-    out = [t.text]
-    for plen in range(bits - 1, 0, -1):
-        network = (t.value >> (bits - plen)) << (bits - plen)
-        width = 4 if t.version == 4 else 16
-        family = socket.AF_INET if t.version == 4 else socket.AF_INET6
-        out.append(f"{socket.inet_ntop(family, network.to_bytes(width, 'big'))}/{plen}")
-    return out
+    return [
+        format_target(t.version, (t.value >> (bits - plen)) << (bits - plen), plen)
+        for plen in range(bits, 0, -1)
+    ]
 
 
 async def _cmd_check(client: aioredis.Redis, args: argparse.Namespace) -> int:

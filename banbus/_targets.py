@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_MIN_PREFIX_V6",
     "MAX_TARGET_LENGTH",
     "Target",
+    "format_target",
     "parse_target",
 ]
 
@@ -124,9 +125,9 @@ def parse_target(
     host_bits = maxlen - plen
     network = (value >> host_bits) << host_bits
     if network != value:
-        fixed = _format(version, network, plen)
+        fixed = format_target(version, network, plen)
         raise InvalidTarget(f"{_describe(raw)} has host bits set; did you mean {fixed}?")
-    canonical = _format(version, network, plen)
+    canonical = format_target(version, network, plen)
     if plen == 0:
         raise UnsafeBan(f"{canonical} would match every IPv{version} address; refused")
     minimum = min_prefix_v4 if version == 4 else min_prefix_v6
@@ -138,7 +139,8 @@ def parse_target(
     return Target(canonical, version, plen, network)
 
 
-def _format(version: int, value: int, plen: int) -> str:
+def format_target(version: int, value: int, plen: int) -> str:
+    """Canonical text of the network *value*/*plen* (the bare address for a host)."""
     if version == 4:
         text = socket.inet_ntop(socket.AF_INET, value.to_bytes(4, "big"))
         return text if plen == 32 else f"{text}/{plen}"
