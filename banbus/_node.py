@@ -649,7 +649,7 @@ class Node:
 
     # -- waiting / listeners ---------------------------------------------------------------
 
-    def _subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]:
+    def subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call *callback(target)* whenever a ban lands (locally or from the stream).
 
         Called synchronously from the apply path: it must be quick and must not

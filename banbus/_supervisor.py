@@ -81,7 +81,7 @@ class _NodeLike(Protocol):
 
     def is_banned(self, ip: str) -> bool: ...
 
-    def _subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]: ...
+    def subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]: ...
 
 
 class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -336,7 +336,7 @@ class Supervisor:
     node's bans at construction and unsubscribes on :meth:`close`.
 
     :param node: the :class:`~banbus.Node` (anything with ``is_banned`` and
-        ``_subscribe``).
+        ``subscribe``).
     :param mode: ``"abort"`` (default: TCP RST, unsent data dropped) or
         ``"close"`` (graceful FIN after pending writes) for transports and
         streams the supervisor closes itself.
@@ -366,7 +366,7 @@ class Supervisor:
              "bans_seen"), 0,
         )  # fmt: skip
         self._watchers: list[Callable[[TrackedConnection], None]] = []
-        self._unsubscribe: Callable[[], None] | None = node._subscribe(self._on_ban)
+        self._unsubscribe: Callable[[], None] | None = node.subscribe(self._on_ban)
 
     def configure(
         self,

@@ -161,16 +161,16 @@ async def node_mode(args: argparse.Namespace) -> None:
             post.setdefault(target, now_ns())
 
     node = banbus.Node(args.redis, node_id=args.node_id, namespace=args.ns, block_ms=args.block_ms)
-    node._subscribe(first)
+    node.subscribe(first)
     async with node:
         tracker: Tracker | None = None
         if args.cut == "supervisor":
             server = await start_server(node.protect(handle))
         else:
             tracker = Tracker()
-            node._subscribe(tracker.cut)
+            node.subscribe(tracker.cut)
             server = await start_server(tracked(tracker))
-        node._subscribe(last)
+        node.subscribe(last)
 
         async def dump() -> dict[str, Any]:
             out = {"pre": dict(pre), "post": dict(post)}

@@ -38,7 +38,7 @@ class FakeNode:
         self.listeners: list[Callable[[str], None]] = []
         self.checks = 0
 
-    def _subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]:
+    def subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]:
         self.listeners.append(callback)
         return lambda: self.listeners.remove(callback)
 
