@@ -21,7 +21,7 @@ from ._exceptions import (
 )
 from ._model import Allow, Ban, BanRecord, Disallow, Event, Unban, parse_ttl
 from ._node import Node, NodeStatistics
-from ._supervisor import Supervisor, SupervisorStatistics, TrackedConnection
+from ._supervisor import BanSource, Supervisor, SupervisorStatistics, TrackedConnection
 from ._targets import Target, parse_target
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "Allow",
     "Ban",
     "BanRecord",
+    "BanSource",
     "BanbusError",
     "Disallow",
     "Event",

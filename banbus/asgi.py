@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 
-from ._supervisor import _current_task
+from ._integrations import _current_task
 from ._targets import normalize_peer
 
 if TYPE_CHECKING:
