@@ -14,9 +14,11 @@
   answered 403, a streaming response is cut off (the server sees an incomplete
   response and drops the connection) and a websocket is closed with code 1008
   (policy violation).
-* The client address comes from ``Forwarded`` (RFC 7239) or else
-  ``X-Forwarded-For`` only when the direct peer is one of *trusted_proxies*;
-  the client is the rightmost hop that is not a trusted proxy.
+* The client address comes from the one forwarded header the proxy writes
+  (``X-Forwarded-For`` by default, or ``Forwarded``, RFC 7239, with
+  ``forwarded_header="forwarded"``), and only when the direct peer is one of
+  *trusted_proxies*; the client is the rightmost hop that is not a trusted
+  proxy.  The other header is never read.
 
 ASGI middleware only runs while a request is in flight: an *idle* keep-alive
 connection is invisible to it.  With uvicorn, add the connection-level
@@ -208,7 +210,11 @@ class BanMiddleware:
         self.listener = listener
 
     def client(self, scope: Scope) -> str | None:
-        """The client address of *scope* (forwarded headers from trusted proxies)."""
+        """The client address of *scope* (forwarded headers from trusted proxies).
+
+        The one place the middleware decides who the client is: refusal and
+        tracking both use it.  None when the server reports no peer.
+        """
         peer = scope.get("client")
         if not peer:
             return None
@@ -221,12 +227,12 @@ class BanMiddleware:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        peer_info = scope.get("client")
-        if not peer_info:
+        client = self.client(scope)
+        if client is None:
             await self.app(scope, receive, send)
             return
-        peer = normalize_peer(str(peer_info[0]))
-        client = client_address(peer, scope.get("headers") or (), self.trusted_proxies)
+        # A banned proxy is refused too, whoever it forwards for.
+        peer = normalize_peer(str(scope["client"][0]))
         node = self.node
         if node.is_banned(client) or (client != peer and node.is_banned(peer)):
             await self._refuse(kind, send)

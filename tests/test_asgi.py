@@ -218,6 +218,61 @@ async def test_ban_behind_proxy_cuts_in_flight_call(nodes: tuple[banbus.Node, ba
         assert responses[0].status_code == 403
 
 
+def forwarded_for(header: str, address: str) -> str:
+    """The value a proxy writing *header* sends for a client at *address*."""
+    return f"for={address};proto=http" if header == "forwarded" else address
+
+
+@pytest.mark.parametrize(
+    ("header", "other"), [("forwarded", "x-forwarded-for"), ("x-forwarded-for", "forwarded")]
+)
+async def test_only_the_configured_forwarded_header_names_the_client(
+    nodes: tuple[banbus.Node, banbus.Node], header: str, other: str
+) -> None:
+    """Refusal and tracking both use the configured header; the other one is ignored."""
+    a, b = nodes
+    proxy_ip, banned_ip, honest_ip, late_ip = "127.0.0.51", "127.0.0.52", "127.0.0.53", "127.0.0.54"
+    record = await a.ban(banned_ip)
+    await b.wait_for_seq(record.seq)
+    app = App()
+    middleware = BanMiddleware(app, b, trusted_proxies=[proxy_ip], forwarded_header=header)
+    async with uvicorn_server(middleware) as port:
+        async with client(port, banned_ip) as direct:
+            assert (await direct.get("/")).status_code == 403
+        async with client(port, proxy_ip) as proxy:
+            # The trusted proxy forwards for the banned client in its header: refused.
+            named = {header: forwarded_for(header, banned_ip)}
+            assert (await proxy.get("/", headers=named)).status_code == 403
+            # The other header is the client's own, passed through: never read.
+            spoofed = {other: forwarded_for(other, banned_ip)}
+            assert (await proxy.get("/", headers=spoofed)).status_code == 200
+            laundered = {header: forwarded_for(header, banned_ip),
+                         other: forwarded_for(other, honest_ip)}  # fmt: skip
+            assert (await proxy.get("/", headers=laundered)).status_code == 403
+            framed = {header: forwarded_for(header, honest_ip),
+                      other: forwarded_for(other, banned_ip)}  # fmt: skip
+            assert (await proxy.get("/", headers=framed)).status_code == 200
+
+            # An in-flight call is tracked under the client the header names,
+            # so a ban for that client cuts it.
+            async with anyio.create_task_group() as tg:
+                responses: list[httpx.Response] = []
+
+                async def hang() -> None:
+                    headers = {header: forwarded_for(header, late_ip),
+                               other: forwarded_for(other, honest_ip)}  # fmt: skip
+                    responses.append(await proxy.get("/hang", headers=headers))
+
+                tg.start_soon(hang)
+                with anyio.fail_after(10):
+                    await app.entered["hang"].wait()
+                assert [c.peer for c in b.supervisor.connections()] == [late_ip]
+                record = await a.ban(late_ip)
+                await b.wait_for_seq(record.seq)
+            assert responses[0].status_code == 403
+            assert app.cancelled == ["/hang"]
+
+
 def test_client_address_parsing() -> None:
     trusted = BanMiddleware(App(), None, trusted_proxies=("10.0.0.0/8", "::1")).trusted_proxies  # type: ignore[arg-type]
     h = [(b"x-forwarded-for", b"1.2.3.4, 10.0.0.2"), (b"x-forwarded-for", b"10.0.0.3")]
