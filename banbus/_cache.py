@@ -28,15 +28,17 @@ from __future__ import annotations
 import heapq
 import socket
 from array import array
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
-from ._model import Allow, AnyEvent, Ban, BanRecord, Disallow, Entry, Unban
+from ._digest import Digest, entry_hash
+from ._keys import DIGEST_EXCLUDE_LIMIT, DIGEST_P1, DIGEST_P2
+from ._model import Allow, Ban, BanRecord, Clear, Disallow, Entry, StreamEvent, Unban
 from ._targets import normalize_peer
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
 
-__all__ = ["BanCache"]
+__all__ = ["BanCache", "Kind"]
 
 _AF_INET: Final = socket.AF_INET
 _AF_INET6: Final = socket.AF_INET6
@@ -44,6 +46,10 @@ _pton: Final = socket.inet_pton
 _ntop: Final = socket.inet_ntop
 _from_bytes: Final = int.from_bytes
 _BUCKET_MS: Final = 1000
+#: The expiry wheel is rebuilt when its stale items exceed what is held by this much.
+_WHEEL_SLACK: Final = 1024
+
+Kind: TypeAlias = Literal["ban", "allow"]
 
 
 def _split(target: str) -> tuple[int, int, int] | None:
@@ -113,6 +119,19 @@ class _Table:
                 seconds = self.packed.get(key)
                 return None if seconds is None else Entry(seconds * 1000)
         return self.nets.get(target)
+
+    def expires_of(self, target: str) -> int | None:
+        """The stored expiry (ms, 0 = permanent) of exactly *target*, or None."""
+        entry = self.exact.get(target)
+        if entry is not None:
+            return entry.expires
+        if self.packed:
+            key = self._packed_key(target)
+            if key is not None:
+                seconds = self.packed.get(key)
+                return None if seconds is None else seconds * 1000
+        entry = self.nets.get(target)
+        return None if entry is None else entry.expires
 
     def put(self, target: str, entry: Entry) -> bool:
         """Store *entry*; True if *target* was not present before."""
@@ -233,23 +252,33 @@ class BanCache:
         each instead of ~270): expiry is rounded up to the second and
         ``lookup`` returns no reason/origin/seq for them.  For huge imported
         blocklists, where memory matters more.
+    :param digest: keep the view's digest (:mod:`banbus._digest`) up to date
+        for anti-entropy; off, changes are not tracked.
     """
 
     __slots__ = (
         "_allow",
         "_bans",
         "_clock",
+        "_digest",
+        "_dirty_a",
+        "_dirty_b",
         "_exact",
         "_filter",
+        "_generation",
         "_packed",
         "_strings",
+        "_track",
         "_v4_lengths",
         "_v6_lengths",
         "_wheel",
         "_wheel_heap",
+        "_wheel_size",
     )  # fmt: skip
 
-    def __init__(self, clock: Callable[[], int], *, compact: bool = False) -> None:
+    def __init__(
+        self, clock: Callable[[], int], *, compact: bool = False, digest: bool = False
+    ) -> None:
         self._clock = clock
         self._bans = _Table(compact)
         self._allow = _Table()
@@ -262,8 +291,19 @@ class BanCache:
         #: expiry second -> ([ban targets], [allow targets]) due in it; swept by expire().
         self._wheel: dict[int, tuple[list[str | int], list[str | int]]] = {}
         self._wheel_heap: list[int] = []
+        #: Targets in the wheel, stale ones included (see _wheel_add).
+        self._wheel_size = 0
         #: Interned reason/origin strings: a million bans share a handful.
         self._strings: dict[str, str] = {}
+        self._track = digest
+        #: Bumped by replace() and clear(): a recompute() in progress gives up.
+        self._generation = 0
+        #: The digest of the tables, as of the last fold (None: unknown, see
+        #: recompute()); the dirty maps hold, for each target changed since,
+        #: its expiry then (None: absent).
+        self._digest: Digest | None = Digest() if digest else None
+        self._dirty_b: dict[str, int | None] | None = {} if digest else None
+        self._dirty_a: dict[str, int | None] | None = {} if digest else None
 
     # -- hot path ------------------------------------------------------------------
 
@@ -350,14 +390,18 @@ class BanCache:
         """True if *ip* is covered by an active allowlist entry."""
         return self._allowed(normalize_peer(ip))
 
-    def get(self, target: str, kind: Literal["ban", "allow"] = "ban") -> BanRecord | None:
+    def get(self, target: str, kind: Kind = "ban") -> BanRecord | None:
         """The active record stored for exactly *target* (canonical text)."""
         entry = (self._bans if kind == "ban" else self._allow).get(target)
         if entry is None or (entry.expires and entry.expires <= self._clock()):
             return None
         return self._record(target, entry, kind)
 
-    def records(self, kind: Literal["ban", "allow"] = "ban") -> Iterator[BanRecord]:
+    def entry(self, kind: Kind, target: str) -> Entry | None:
+        """The entry stored for exactly *target*, expired or not (compact: expiry only)."""
+        return (self._bans if kind == "ban" else self._allow).get(target)
+
+    def records(self, kind: Kind = "ban") -> Iterator[BanRecord]:
         """Every active record of *kind* (a snapshot; safe to iterate while applying)."""
         table = self._bans if kind == "ban" else self._allow
         now = self._clock()
@@ -371,7 +415,7 @@ class BanCache:
                 yield BanRecord(text, seconds * 1000, "", "", 0, kind)
 
     @staticmethod
-    def _record(target: str, entry: Entry, kind: Literal["ban", "allow"]) -> BanRecord:
+    def _record(target: str, entry: Entry, kind: Kind) -> BanRecord:
         return BanRecord(target, entry.expires, entry.reason, entry.origin, entry.seq, kind)
 
     @property
@@ -391,9 +435,14 @@ class BanCache:
     def network_count(self) -> int:
         return len(self._bans.nets)
 
+    @property
+    def wheel_size(self) -> int:
+        """Targets waiting in the expiry wheel (bounded by twice what is held)."""
+        return self._wheel_size
+
     # -- mutation ----------------------------------------------------------------------
 
-    def apply(self, event: AnyEvent, now: int | None = None) -> bool:
+    def apply(self, event: StreamEvent, now: int | None = None) -> bool:
         """Apply one event; True if addresses under *event.target* may now be banned.
 
         That is a ban that is active, or a removed allowlist entry (what it
@@ -413,17 +462,38 @@ class BanCache:
                         event.seq, now)  # fmt: skip
             return False
         if isinstance(event, Unban):
-            self._bans.remove(event.target)
+            self._remove(True, event.target)
         elif isinstance(event, Disallow):
-            return self._allow.remove(event.target) is not None
+            return self._remove(False, event.target)
+        elif isinstance(event, Clear):
+            self.clear()
         return False
 
-    def put(
-        self, kind: Literal["ban", "allow"], target: str, entry: Entry, now: int | None = None
-    ) -> bool:
+    def put(self, kind: Kind, target: str, entry: Entry, now: int | None = None) -> bool:
         """Store a decoded record (bootstrap); True if it is an active ban."""
         return self._store(kind == "ban", target, entry.expires, entry.reason, entry.origin,
                            entry.seq, now)  # fmt: skip
+
+    def set_entry(self, kind: Kind, target: str, entry: Entry | None) -> bool:
+        """Make *target*'s entry exactly *entry* (None: absent).
+
+        Returns True, as :meth:`apply` does, when addresses under *target* may
+        now be banned: an active ban was stored, or an allowlist entry went away.
+        """
+        if entry is not None:
+            return self.put(kind, target, entry)
+        if kind == "ban":
+            self._remove(True, target)
+            return False
+        return self._remove(False, target)
+
+    def _remove(self, ban: bool, target: str) -> bool:
+        """Remove *target*; True if it was there."""
+        table = self._bans if ban else self._allow
+        dirty = self._dirty_b if ban else self._dirty_a
+        if dirty is not None and target not in dirty:
+            dirty[target] = table.expires_of(target)
+        return table.remove(target) is not None
 
     def _store(
         self,
@@ -436,6 +506,9 @@ class BanCache:
         now: int | None,
     ) -> bool:
         table = self._bans if ban else self._allow
+        dirty = self._dirty_b if ban else self._dirty_a
+        if dirty is not None and target not in dirty:
+            dirty[target] = table.expires_of(target)
         if expires and expires <= (self._clock() if now is None else now):
             table.remove(target)
             return False
@@ -452,14 +525,42 @@ class BanCache:
             table.exact[target] = Entry(expires, reason, origin, seq)
             table.members.add(target)
         if expires:
-            bucket = expires // _BUCKET_MS
-            due = self._wheel.get(bucket)
-            if due is None:
-                due = self._wheel[bucket] = ([], [])
-                heapq.heappush(self._wheel_heap, bucket)
-            # Compact: the very int object that keys the dict (no second copy).
-            due[0 if ban else 1].append(target if key is None else key)
+            self._wheel_add(expires // _BUCKET_MS, ban, target if key is None else key)
         return ban
+
+    def _wheel_add(self, bucket: int, ban: bool, item: str | int) -> None:
+        due = self._wheel.get(bucket)
+        if due is None:
+            due = self._wheel[bucket] = ([], [])
+            heapq.heappush(self._wheel_heap, bucket)
+        # Compact: the very int object that keys the dict (no second copy).
+        due[0 if ban else 1].append(item)
+        self._wheel_size += 1
+        if self._wheel_size > 2 * (len(self._bans) + len(self._allow)) + _WHEEL_SLACK:
+            # Re-stores and removals leave stale items behind; rebuilding when
+            # they outnumber the live ones keeps the wheel within twice what is
+            # held, at an amortised O(1) per store.
+            self._rebuild_wheel()
+
+    def _rebuild_wheel(self) -> None:
+        wheel: dict[int, tuple[list[str | int], list[str | int]]] = {}
+        size = 0
+        for index, table in enumerate((self._bans, self._allow)):
+            for source in (table.exact, table.nets):
+                for target, entry in source.items():
+                    if entry.expires:
+                        wheel.setdefault(entry.expires // _BUCKET_MS, ([], []))[index].append(
+                            target
+                        )
+                        size += 1
+            for key, seconds in table.packed.items():
+                if seconds:
+                    wheel.setdefault(seconds * 1000 // _BUCKET_MS, ([], []))[index].append(key)
+                    size += 1
+        self._wheel = wheel
+        self._wheel_heap = list(wheel)
+        heapq.heapify(self._wheel_heap)
+        self._wheel_size = size
 
     def replace(
         self,
@@ -469,7 +570,8 @@ class BanCache:
         """Swap in a full snapshot (bootstrap/resync); return targets newly banned.
 
         The new tables are built aside and swapped in one step, so ``is_banned``
-        never sees a half-loaded state.
+        never sees a half-loaded state.  The digest is unknown afterwards until
+        :meth:`recompute` has run.
         """
         fresh = BanCache(self._clock, compact=self._bans.compact)
         fresh._strings = self._strings
@@ -489,8 +591,11 @@ class BanCache:
             for key in fresh._bans.packed
             if key not in old.packed
         ]
+        track, generation = self._track, self._generation
         for name in self.__slots__:
             setattr(self, name, getattr(fresh, name))
+        self._track = track
+        self._generation = generation + 1
         return newly
 
     def _load_bans(self, bans: Iterable[tuple[str, Entry]], now: int) -> None:
@@ -505,6 +610,7 @@ class BanCache:
         intern = strings.setdefault
         wheel = self._wheel
         heap = self._wheel_heap
+        size = 0
         for target, entry in bans:
             expires = entry.expires
             if expires and expires <= now:
@@ -526,10 +632,16 @@ class BanCache:
                     due = wheel[bucket] = ([], [])
                     heapq.heappush(heap, bucket)
                 due[0].append(target if key is None else key)
+                size += 1
+        self._wheel_size += size
         self._bans.members.update(exact)
 
     def clear(self) -> None:
+        """Drop everything (the digest of an empty view is known: zero)."""
         self.replace((), ())
+        if self._track:
+            self._digest = Digest()
+            self._dirty_b, self._dirty_a = {}, {}
 
     # -- expiry ------------------------------------------------------------------------
 
@@ -545,16 +657,130 @@ class BanCache:
         dropped = 0
         while heap and (heap[0] + 1) * _BUCKET_MS <= now:
             due = wheel.pop(heapq.heappop(heap))
-            for table, targets in ((self._bans, due[0]), (self._allow, due[1])):
+            self._wheel_size -= len(due[0]) + len(due[1])
+            for ban, table, targets in ((True, self._bans, due[0]), (False, self._allow, due[1])):
                 for target in targets:
                     if isinstance(target, int):  # compact: an IPv4 address int
                         seconds = table.packed.get(target)
                         if seconds and seconds * 1000 <= now:
-                            del table.packed[target]
+                            self._remove(ban, _ntop(_AF_INET, target.to_bytes(4, "big")))
                             dropped += 1
                         continue
                     entry = table.get(target)
                     if entry is not None and entry.expires and entry.expires <= now:
-                        table.remove(target)
+                        self._remove(ban, target)
                         dropped += 1
         return dropped
+
+    # -- digest (anti-entropy, see banbus._digest) ----------------------------------------
+
+    @property
+    def digest_known(self) -> bool:
+        return self._digest is not None
+
+    def recompute(self, chunk: int = 20_000) -> Iterator[None]:
+        """Compute the digest from scratch, yielding every *chunk* entries.
+
+        The caller may let events apply between steps: changes made meanwhile
+        are tracked as usual, and the digest computed is that of the tables as
+        they were when this started (which the tracked changes then update).
+        """
+        if not self._track:
+            return
+        generation = self._generation
+        self._digest = None
+        self._dirty_b, self._dirty_a = {}, {}
+        d1 = d2 = n = 0
+        done = 0
+        for kind, table, dirty in (("ban", self._bans, self._dirty_b),
+                                   ("allow", self._allow, self._dirty_a)):  # fmt: skip
+            targets: list[str] = [*table.exact, *table.nets]
+            targets += [_ntop(_AF_INET, key.to_bytes(4, "big")) for key in list(table.packed)]
+            for target in targets:
+                expires = dirty[target] if target in dirty else table.expires_of(target)
+                if expires is not None:
+                    h1, h2 = entry_hash(kind, target, expires)
+                    d1 += h1
+                    d2 += h2
+                    n += 1
+                done += 1
+                if done % chunk == 0:
+                    yield
+                    if generation != self._generation:
+                        return  # replaced meanwhile: a newer recompute takes over
+        self._digest = Digest(d1 % DIGEST_P1, d2 % DIGEST_P2, n)
+
+    def _fold(self, limit: int | None = None) -> Digest:
+        """Fold the tracked changes (at most *limit* of them) into the digest; return it."""
+        assert self._digest is not None and self._dirty_b is not None
+        assert self._dirty_a is not None
+        d1, d2, n = self._digest
+        budget = -1 if limit is None else limit
+        for kind, table, dirty in (("ban", self._bans, self._dirty_b),
+                                   ("allow", self._allow, self._dirty_a)):  # fmt: skip
+            while dirty and budget:
+                budget -= 1
+                target, old = dirty.popitem()
+                new = table.expires_of(target)
+                if old == new:
+                    continue
+                if old is not None:
+                    h1, h2 = entry_hash(kind, target, old)
+                    d1, d2, n = d1 - h1, d2 - h2, n - 1
+                if new is not None:
+                    h1, h2 = entry_hash(kind, target, new)
+                    d1, d2, n = d1 + h1, d2 + h2, n + 1
+        self._digest = Digest(d1 % DIGEST_P1, d2 % DIGEST_P2, n)
+        return self._digest
+
+    @property
+    def pending_changes(self) -> int:
+        """Changes not folded into the digest yet."""
+        return len(self._dirty_b or ()) + len(self._dirty_a or ())
+
+    def fold_some(self, limit: int) -> None:
+        """Fold up to *limit* tracked changes (so that the fold at a comparison stays short)."""
+        if self._digest is not None:
+            self._fold(limit)
+
+    def digest(self, cutoff: int) -> Digest | None:
+        """The digest of the entries that outlive *cutoff* (server ms, a whole second).
+
+        Entries expiring at or before *cutoff* are left out, as the function
+        library leaves them out (``banbus_digest``).  None while the digest is
+        unknown (see :meth:`recompute`) or when more than
+        ``DIGEST_EXCLUDE_LIMIT`` entries would be left out.
+        """
+        if self._digest is None:
+            return None
+        d1, d2, n = self._fold()
+        last = cutoff // _BUCKET_MS
+        heap = self._wheel_heap
+        seen: set[tuple[bool, str | int]] = set()
+        stack = [0] if heap else []
+        while stack:
+            i = stack.pop()
+            bucket = heap[i]
+            if bucket > last:
+                continue
+            stack.extend(c for c in (2 * i + 1, 2 * i + 2) if c < len(heap))
+            due = self._wheel.get(bucket)
+            if due is None:
+                continue
+            for ban, items in ((True, due[0]), (False, due[1])):
+                for item in items:
+                    if (ban, item) in seen:
+                        continue
+                    seen.add((ban, item))
+                    if len(seen) > DIGEST_EXCLUDE_LIMIT * 2:
+                        return None
+                    table = self._bans if ban else self._allow
+                    if isinstance(item, int):
+                        target = _ntop(_AF_INET, item.to_bytes(4, "big"))
+                    else:
+                        target = item
+                    expires = table.expires_of(target)
+                    if expires and expires <= cutoff:
+                        h1, h2 = entry_hash("ban" if ban else "allow", target, expires)
+                        d1, d2, n = d1 - h1, d2 - h2, n - 1
+        return Digest(d1 % DIGEST_P1, d2 % DIGEST_P2, n)

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
 from ._exceptions import BanbusError, InvalidInput, RedisUnavailable
+from ._keys import namespace_keys
 from ._library import ensure_library, translate_error
 from ._model import (
     BanRecord,
@@ -29,7 +30,6 @@ from ._model import (
     entry_decoder,
     parse_ttl,
 )
-from ._node import namespace_keys
 from ._targets import format_target, parse_target
 
 if TYPE_CHECKING:
@@ -76,11 +76,18 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("target")
     p = sub.add_parser(
         "clear",
-        help="delete every ban, allowlist entry and the log of the namespace",
-        description="Delete the whole namespace on purpose.  Running nodes drop what they "
-        "hold instead of re-seeding it (they would after an accidental loss).",
+        help="delete every ban and allowlist entry of the namespace",
+        description="Empty the namespace on purpose (one 'clear' event in the log).  Running "
+        "nodes drop what they hold; nobody re-seeds it (they would after an accidental loss).",
     )
     p.add_argument("--yes", action="store_true", help="really do it (required)")
+    p = sub.add_parser(
+        "repair",
+        help="repair the namespace's bookkeeping after hand edits",
+        description="Recompute the record's digest from the record (after HSET/HDEL by hand; "
+        "nodes then reload) and reset a stream whose ids were pushed far into the future "
+        "(a hand-written XADD).  Costs one pass over the record inside Redis.",
+    )
     p = sub.add_parser("list", help="list current bans and allowlist entries")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("check", help="is this IP banned? (exit 0 no, 1 yes, 2 error)")
@@ -128,6 +135,7 @@ async def _run(args: argparse.Namespace) -> int:
     commands = {
         "ban": _cmd_write, "allow": _cmd_write, "unban": _cmd_remove, "disallow": _cmd_remove,
         "list": _cmd_list, "check": _cmd_check, "watch": _cmd_watch, "clear": _cmd_clear,
+        "repair": _cmd_repair,
     }  # fmt: skip
     # Validate before connecting: bad input writes nothing and needs no server.
     if args.command in ("ban", "allow"):
@@ -176,21 +184,28 @@ async def _cmd_write(client: aioredis.Redis, args: argparse.Namespace) -> int:
         f"banbus_{args.command}", 1, args.namespace, args.canonical, args.seconds, args.reason,
         *extra, "ORIGIN", "cli",
     )  # fmt: skip
-    seq, _sid, target, expires = reply
+    seq, _sid, target, expires = reply[:4]
     verb = "banned" if args.command == "ban" else "allowlisted"
     print(f"{verb} {_s(target)} {_until(int(expires))} (seq {int(seq)})")
     return EXIT_OK
 
 
 async def _cmd_clear(client: aioredis.Redis, args: argparse.Namespace) -> int:
-    tag = "{" + args.namespace + "}"
-    # The marker first: nodes that notice the reset must see it and not re-seed.
-    await client.set(f"{tag}:cleared", "1", px=600_000)
-    found = [key async for key in client.scan_iter(match=f"{tag}:*", count=1000)]
-    doomed = [k for k in found if _s(k) != f"{tag}:cleared"]
-    if doomed:
-        await client.delete(*doomed)
-    print(f"cleared namespace {args.namespace!r} ({len(doomed)} keys)")
+    reply = await client.fcall("banbus_clear", 1, args.namespace, "ORIGIN", "cli")
+    print(f"cleared namespace {args.namespace!r} (seq {int(reply[0])})")
+    return EXIT_OK
+
+
+async def _cmd_repair(client: aioredis.Redis, args: argparse.Namespace) -> int:
+    fixed, before, after = await client.fcall("banbus_repair", 1, args.namespace)
+    before, after = _s(before), _s(after)
+    if int(fixed):
+        print(f"reset the ids of the stream of {args.namespace!r} ({int(fixed) - 1} entries "
+              "from the future deleted)")  # fmt: skip
+    if before == after:
+        print(f"digest of {args.namespace!r} was right ({after})")
+    else:
+        print(f"digest of {args.namespace!r} recomputed: {before} -> {after}; nodes reload")
     return EXIT_OK
 
 
@@ -200,10 +215,10 @@ async def _cmd_remove(client: aioredis.Redis, args: argparse.Namespace) -> int:
     )
     seq = int(reply[0])
     what = "ban on" if args.command == "unban" else "allowlist entry for"
-    if seq:
+    if _s(reply[4]) != "absent":
         print(f"removed {what} {args.canonical} (seq {seq})")
     else:
-        print(f"no {what} {args.canonical}; nothing to do")
+        print(f"no {what} {args.canonical}; nothing to do (the removal is remembered)")
     return EXIT_OK
 
 
@@ -233,8 +248,8 @@ async def _records(client: aioredis.Redis, key: str, kind: str, now: int) -> lis
 async def _cmd_list(client: aioredis.Redis, args: argparse.Namespace) -> int:
     keys = namespace_keys(args.namespace)
     now = await _server_ms(client)
-    bans = await _records(client, keys["bans"], "ban", now)
-    allows = await _records(client, keys["allow"], "allow", now)
+    bans = await _records(client, keys.bans, "ban", now)
+    allows = await _records(client, keys.allow, "allow", now)
     if args.json:
         out = {"server_time_ms": now, "bans": bans, "allow": allows}
         sys.stdout.write(msgspec.json.encode(out).decode() + "\n")
@@ -270,8 +285,8 @@ async def _cmd_check(client: aioredis.Redis, args: argparse.Namespace) -> int:
     candidates = _candidates(args.canonical)
     async with client.pipeline(transaction=True) as pipe:
         pipe.time()
-        pipe.hmget(keys["bans"], candidates)
-        pipe.hmget(keys["allow"], candidates)
+        pipe.hmget(keys.bans, candidates)
+        pipe.hmget(keys.allow, candidates)
         (seconds, micros), bans, allows = await pipe.execute()
     now = int(seconds) * 1000 + int(micros) // 1000
 
@@ -303,7 +318,7 @@ async def _cmd_check(client: aioredis.Redis, args: argparse.Namespace) -> int:
 
 
 async def _cmd_watch(client: aioredis.Redis, args: argparse.Namespace) -> int:
-    key = namespace_keys(args.namespace)["log"]
+    key = namespace_keys(args.namespace).log
     cursor = args.start
     if cursor == "$":
         last: Any = await client.xrevrange(key, count=1)
@@ -334,7 +349,7 @@ def _event_line(entry_id: str, fields: dict[str, str], as_json: bool) -> str:
         data = msgspec.to_builtins(event)
         return json.dumps({"id": entry_id, "time": when, **data}, ensure_ascii=False)
     op = type(event).__name__.lower()
-    parts = [when, f"{op:<8}", event.target]
+    parts = [when, f"{op:<8}", getattr(event, "target", "*")]
     expires = getattr(event, "expires", None)
     if expires is not None:
         parts.append(_until(expires, int(entry_id.partition("-")[0])))

@@ -482,7 +482,7 @@ async def _drop_namespace(redis_url: str, namespace: str) -> None:
 
     client = aioredis.Redis.from_url(redis_url, socket_timeout=5)
     try:
-        await client.delete(*namespace_keys(namespace).values())
+        await client.delete(*namespace_keys(namespace)[1:])
     finally:
         await client.aclose()
 

@@ -10,12 +10,16 @@ Calls (KEYS[1] is the namespace NS, default "banbus"; keywords are
 case-insensitive):
 
   FCALL banbus_ban      1 NS target ttl [reason] [FORCE] [REPLACE] [ORIGIN name] [EID id]
-  FCALL banbus_allow    1 NS target ttl [reason] [FORCE] [REPLACE] [ORIGIN name] [EID id]
-  FCALL banbus_unban    1 NS target [ORIGIN name] [EID id] [FORCE]
-  FCALL banbus_disallow 1 NS target [ORIGIN name] [EID id] [FORCE]
-  FCALL_RO banbus_state   1 NS   -> {last_id, seq, epoch, server_ms, version}
+                                              [RETRY ms] [RESEED ms]
+  FCALL banbus_allow    1 NS target ttl [reason] [...the same options]
+  FCALL banbus_unban    1 NS target [ORIGIN name] [EID id] [RETRY ms] [FORCE]
+  FCALL banbus_disallow 1 NS target [ORIGIN name] [EID id] [RETRY ms] [FORCE]
+  FCALL banbus_clear    1 NS [ORIGIN name] [EID id] [RETRY ms]
+  FCALL banbus_repair   1 NS        -> {stream_repaired, digest_before, digest_after}
+  FCALL_RO banbus_state   1 NS      -> {head_id, head_seq, epoch, server_ms, version}
+  FCALL_RO banbus_digest  1 NS cutoff_ms -> {head_seq, head_id, status, d1, d2, n}
   FCALL_RO banbus_check   1 NS target [FORCE]   -> canonical target
-  FCALL_RO banbus_version 0      -> version
+  FCALL_RO banbus_version 0         -> version
 
   ttl is whole seconds, 0 = permanent.  The reason is ALWAYS the third
   positional argument of ban/allow when present, even if it looks like a
@@ -25,9 +29,20 @@ case-insensitive):
   REPLACE sets the expiry to exactly the new one (default: the later of the
   active old one and the new one; permanent wins).  Removal (unban/disallow)
   never needs FORCE; it is accepted there and ignored.
+  EID gives the event its id (default <epoch>-<seq>).
+  RETRY ms (with EID) marks a call that may repeat one whose answer was lost:
+    if an event with this EID is in the stream at or after server time ms,
+    nothing is written and its reply comes back ('duplicate').  When the
+    stream was trimmed past ms the call cannot be checked: it is written and
+    answered 'unverified'.
+  RESEED ms (ban/allow; nodes restoring a namespace after data loss) writes
+    only when the target is absent and was not removed at or after server
+    time ms; otherwise nothing is written ('present' or 'lifted').
 
-  Writes reply {seq, stream_id, target, expires_ms}; an unban of a target that
-  is not recorded writes nothing and replies {0, "", target, 0}.
+  Writes reply {seq, stream_id, target, expires_ms, status, epoch}; status is one of
+  written, absent (a removal of a target that was not recorded: the event is
+  written all the same, and the removal remembered), duplicate, unverified,
+  present, lifted (the last two write nothing: seq 0, stream_id "").
 
 Keys (one hash tag, so the namespace lives in one Cluster slot with KEYS[1]):
   {NS}:log        stream: op target [expires reason] origin eid seq
@@ -35,31 +50,47 @@ Keys (one hash tag, so the namespace lives in one Cluster slot with KEYS[1]):
   {NS}:bans:exp   zset target -> expires_ms (non-permanent entries only)
   {NS}:allow, {NS}:allow:exp   the same for the allowlist
   {NS}:seq        event counter     {NS}:epoch   id of this incarnation of the keyspace
+  {NS}:head       hash: seq, id of the last event written here; d1, d2, n: the
+                  record's digest (see banbus/_digest.py)
+  {NS}:removed    zset "b <target>" | "a <target>" | "*" (clear) -> ms of the
+                  last removal (capped at TOMBSTONE_LIMIT members)
   {NS}:config     hash: maxlen, min_prefix_v4, min_prefix_v6, max_ttl (all optional)
-  {NS}:eid:<id>   idempotency record of a write made with EID (24 h)
+
+Nothing here grows with the write rate: the stream is trimmed to maxlen, the
+tombstones to TOMBSTONE_LIMIT, the record holds live entries only.
 
 Errors: "BANBUS_INVALID <field> <message>" with field one of target, ttl,
-reason, origin, eid, option, usage:, namespace; "BANBUS_UNSAFE <message>" for
-/0 and prefixes wider than the minimum; "BANBUS_CONFIG <message>" for a bad
-{NS}:config.  Nothing is written when a call is refused.
+reason, origin, eid, option, usage:, namespace, cutoff; "BANBUS_UNSAFE
+<message>" for /0 and prefixes wider than the minimum; "BANBUS_CONFIG
+<message>" for a bad {NS}:config.  Nothing is written when a call is refused.
+Every argument is bounded before any work is done on it.
 
 Portability: Lua 5.1 without the `bit` library (fakeredis/lupa has none), so
-all address arithmetic uses whole numbers in doubles (exact below 2^53).
+all arithmetic uses whole numbers in doubles (exact below 2^53).
 Numbers are turned into strings with %.0f: tostring(1.8e12) is "1.8e+12".
+The lines marked "-- @NAME" carry limits from banbus/_keys.py (one source).
 ]]
 
-local VERSION = 3
+local VERSION = 4
 
-local DEFAULT_MAXLEN = 100000
-local DEFAULT_MIN_V4 = 8
-local DEFAULT_MIN_V6 = 32
-local DEFAULT_MAX_TTL = 315360000
-local MAX_TARGET_LENGTH = 64
-local MAX_REASON = 512
--- Long enough for the outbox to retry after an ambiguous failure; a retry
--- after that is a duplicate event, which applies idempotently.
-local EID_TTL_MS = '3600000'
+local DEFAULT_MAXLEN = 100000 -- @DEFAULT_MAXLEN
+local DEFAULT_MIN_V4 = 8 -- @DEFAULT_MIN_PREFIX_V4
+local DEFAULT_MIN_V6 = 32 -- @DEFAULT_MIN_PREFIX_V6
+local MAX_TTL = 315360000 -- @MAX_TTL_SECONDS
+local MAX_EXPIRES = 7258118400000 -- @MAX_EXPIRES_MS
+local MAX_TARGET_LENGTH = 64 -- @MAX_TARGET_LENGTH
+local MAX_TARGET_INPUT = 256 -- @MAX_TARGET_INPUT_BYTES
+local MAX_REASON = 512 -- @MAX_REASON_BYTES
+local MAX_ORIGIN = 64 -- @MAX_ORIGIN_BYTES
+local MAX_EID = 128 -- @MAX_EID_BYTES
+local TOMBSTONE_LIMIT = 100000 -- @TOMBSTONE_LIMIT
+local FUTURE_SLACK = 86400000 -- @FUTURE_SLACK_MS
+local P1 = 67108859 -- @DIGEST_P1
+local P2 = 67108837 -- @DIGEST_P2
+local DIGEST_EXCLUDE_LIMIT = 10000 -- @DIGEST_EXCLUDE_LIMIT
 local PURGE_BATCH = '100'
+-- A number argument (ms, ttl) longer than this is refused unread.
+local MAX_NUMBER = 15
 
 -- Errors raised while validating carry this marker so the entry points can
 -- turn them into error replies (anything else is re-raised untouched).
@@ -72,8 +103,9 @@ local function fmt(n)
 end
 
 -- Python's repr() of a str, close enough for messages (and truncated like
--- banbus._targets._describe).
+-- banbus._targets._describe).  Looks at the first 100 bytes only.
 local function describe(s)
+  s = string.sub(s, 1, 100)
   local q = "'"
   if string.find(s, "'", 1, true) and not string.find(s, '"', 1, true) then
     q = '"'
@@ -322,6 +354,10 @@ local function plain_octet(p)
 end
 
 local function canonical_target(text, min_v4, min_v6, force)
+  if #text > MAX_TARGET_INPUT then
+    fail('BANBUS_INVALID', 'target is ' .. #text .. ' bytes long; an IP address or CIDR network '
+      .. 'is at most ' .. MAX_TARGET_LENGTH)
+  end
   -- Fast path, the common case: a plain dotted quad (no space, no prefix,
   -- octets 0-255 without leading zeros) is its own canonical form.  The
   -- general path below gives the same answer, ten times slower.
@@ -420,7 +456,7 @@ end
 
 local function config_int(ns, name, value, default, low, high)
   if not value then return default end
-  if not string.find(value, '^%d+$') or #value > 15 then
+  if #value > MAX_NUMBER or not string.find(value, '^%d+$') then
     fail('BANBUS_CONFIG', key(ns, 'config') .. ' ' .. name .. ' ' .. describe(value)
       .. ' is not a whole number')
   end
@@ -439,21 +475,35 @@ local function read_config(ns)
     maxlen = config_int(ns, 'maxlen', v[1], DEFAULT_MAXLEN, 1, 1e15),
     min_v4 = config_int(ns, 'min_prefix_v4', v[2], DEFAULT_MIN_V4, 0, 32),
     min_v6 = config_int(ns, 'min_prefix_v6', v[3], DEFAULT_MIN_V6, 0, 128),
-    max_ttl = config_int(ns, 'max_ttl', v[4], DEFAULT_MAX_TTL, 1, 1e12),
+    -- A namespace may lower the maximum TTL, never raise it: every node
+    -- enforces what the record accepts.
+    max_ttl = config_int(ns, 'max_ttl', v[4], MAX_TTL, 1, MAX_TTL),
   }
 end
 
 local function parse_ttl(text, max_ttl)
-  if not string.find(text, '^%d+$') then
+  if #text > MAX_NUMBER or not string.find(text, '^%d+$') then
+    if string.find(string.sub(text, 1, MAX_NUMBER + 1), '^%d+$') then
+      fail('BANBUS_INVALID', 'ttl ' .. describe(text) .. ' is above the maximum of '
+        .. fmt(max_ttl) .. ' seconds; use 0 for a permanent entry')
+    end
     fail('BANBUS_INVALID', 'ttl ' .. describe(text)
       .. ' is not a whole number of seconds; expected 0 (permanent) to ' .. fmt(max_ttl))
   end
   local n = tonumber(text)
-  if #text > 15 or n > max_ttl then
+  if n > max_ttl then
     fail('BANBUS_INVALID', 'ttl ' .. describe(text) .. ' is above the maximum of '
       .. fmt(max_ttl) .. ' seconds; use 0 for a permanent entry')
   end
   return n
+end
+
+local function parse_ms(field, text)
+  if #text > MAX_NUMBER or not string.find(text, '^%d+$') then
+    fail('BANBUS_INVALID', field .. ' ' .. describe(text)
+      .. ' is not a server time in milliseconds')
+  end
+  return tonumber(text)
 end
 
 local function valid_utf8(s)
@@ -518,46 +568,233 @@ local function check_name(field, value, limit)
   end
 end
 
--- Options after the positional arguments.  `adding` is true for ban/allow.
-local function parse_options(args, first, adding, fname)
-  local opts = {force = false, replace = false, origin = 'fcall', eid = nil}
+-- Options after the positional arguments.  `kind` is 'add' (ban/allow),
+-- 'remove' (unban/disallow) or 'clear'.
+local function parse_options(args, first, kind, fname)
+  local opts = {force = false, replace = false, origin = 'fcall', eid = nil, retry = nil,
+    reseed = nil}
   local seen = {}
   local i = first
   while i <= #args do
-    local word = string.upper(args[i])
+    local word = string.upper(string.sub(args[i], 1, 16))
     if seen[word] then
       fail('BANBUS_INVALID', 'option ' .. word .. ' is given twice')
     end
     seen[word] = true
-    if word == 'FORCE' then
+    local adding = kind == 'add'
+    if word == 'FORCE' and kind ~= 'clear' then
       opts.force = true
     elseif word == 'REPLACE' and adding then
       opts.replace = true
-    elseif word == 'ORIGIN' or word == 'EID' then
+    elseif word == 'ORIGIN' or word == 'EID' or word == 'RETRY' or (word == 'RESEED' and adding) then
       local value = args[i + 1]
       if value == nil then
         fail('BANBUS_INVALID', 'option ' .. word .. ' needs a value')
       end
       if word == 'ORIGIN' then
-        check_name('origin', value, 64)
+        check_name('origin', value, MAX_ORIGIN)
         opts.origin = value
-      else
-        check_name('eid', value, 128)
+      elseif word == 'EID' then
+        check_name('eid', value, MAX_EID)
         opts.eid = value
+      elseif word == 'RETRY' then
+        opts.retry = parse_ms('retry', value)
+      else
+        opts.reseed = parse_ms('reseed', value)
       end
       i = i + 1
-    elseif word == 'REPLACE' then
-      fail('BANBUS_INVALID', 'option REPLACE does not apply to ' .. fname)
+    elseif word == 'REPLACE' or word == 'RESEED' or word == 'FORCE' then
+      fail('BANBUS_INVALID', 'option ' .. word .. ' does not apply to ' .. fname)
     else
-      local expected = adding and 'FORCE, REPLACE, ORIGIN <name> or EID <id>'
-        or 'ORIGIN <name>, EID <id> or FORCE'
+      local expected
+      if adding then
+        expected = 'FORCE, REPLACE, ORIGIN <name>, EID <id>, RETRY <ms> or RESEED <ms>'
+      elseif kind == 'remove' then
+        expected = 'ORIGIN <name>, EID <id>, RETRY <ms> or FORCE'
+      else
+        expected = 'ORIGIN <name>, EID <id> or RETRY <ms>'
+      end
       local hint = adding and ' (the reason, if any, is the third argument: use "" for none)' or ''
       fail('BANBUS_INVALID', 'option ' .. describe(args[i]) .. ' is unknown to ' .. fname
         .. '; expected ' .. expected .. hint)
     end
     i = i + 1
   end
+  if opts.retry and not opts.eid then
+    fail('BANBUS_INVALID', 'option RETRY needs EID <id>: it looks for that event')
+  end
   return opts
+end
+
+-- ---------------------------------------------------------------------------
+-- The record digest (mirrors banbus/_digest.py)
+-- ---------------------------------------------------------------------------
+
+local function entry_hash(kind_char, target, expires)
+  local s = kind_char .. target .. ' ' .. fmt(math.ceil(expires / 1000))
+  local a, b = 0, 0
+  local bytes = {string.byte(s, 1, -1)}
+  for i = 1, #bytes do
+    local c = bytes[i]
+    a = (a * 256 + c) % P1
+    b = (b * 256 + c) % P2
+  end
+  return (a * a) % P1, (b * b) % P2
+end
+
+local function record_expires(text)
+  local e = string.match(text, '^%[%s*(%d+)')
+  return e and tonumber(e)
+end
+
+-- dg = {d1, d2, n}
+local function dg_add(dg, kind_char, target, expires, sign)
+  local h1, h2 = entry_hash(kind_char, target, expires)
+  dg[1] = (dg[1] + sign * h1) % P1
+  dg[2] = (dg[2] + sign * h2) % P2
+  dg[3] = dg[3] + sign
+end
+
+local TABLES = {{'b', 'bans'}, {'a', 'allow'}}
+
+-- The digest of the whole record, computed from scratch (a namespace written
+-- by library v3, or `banbus_repair` after hand edits).  O(entries).
+local function rehash(ns)
+  local dg = {0, 0, 0}
+  for _, t in ipairs(TABLES) do
+    local cursor = '0'
+    repeat
+      local page = redis.call('HSCAN', key(ns, t[2]), cursor, 'COUNT', 1000)
+      cursor = page[1]
+      local flat = page[2]
+      for i = 1, #flat, 2 do
+        local e = record_expires(flat[i + 1])
+        if e then dg_add(dg, t[1], flat[i], e, 1) end
+      end
+    until cursor == '0'
+  end
+  return dg
+end
+
+local function load_digest(ns)
+  local v = redis.call('HMGET', key(ns, 'head'), 'd1', 'd2', 'n')
+  if v[1] and v[2] and v[3] then
+    return {tonumber(v[1]), tonumber(v[2]), tonumber(v[3])}
+  end
+  return rehash(ns)
+end
+
+-- ---------------------------------------------------------------------------
+-- The stream
+-- ---------------------------------------------------------------------------
+
+local function id_ms(id)
+  return tonumber(string.match(id, '^(%d+)')) or 0
+end
+
+-- An XADD with a huge id (by hand: XADD {NS}:log 18446744073709551615-... )
+-- makes `XADD *` fail for everyone.  Delete the entries far ahead of the
+-- server clock and move the stream's last id back to the newest one left;
+-- readers past it resync.  Returns the number of entries deleted.
+local function repair_stream(ns, now)
+  local log = key(ns, 'log')
+  if redis.call('TYPE', log)['ok'] ~= 'stream' then
+    return 0
+  end
+  local limit = now + FUTURE_SLACK
+  local removed = 0
+  while true do
+    local page = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 100)
+    local done = #page == 0
+    for i = 1, #page do
+      if id_ms(page[i][1]) > limit then
+        redis.call('XDEL', log, page[i][1])
+        removed = removed + 1
+      else
+        done = true
+        break
+      end
+    end
+    if done then break end
+  end
+  local newest = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+  local info = redis.call('XINFO', 'STREAM', log)
+  local last_generated
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last_generated = info[i + 1] end
+  end
+  if last_generated and id_ms(last_generated) > limit then
+    local ok = nil
+    if newest[1] then
+      ok = redis.pcall('XSETID', log, newest[1][1])
+    end
+    if not newest[1] or (type(ok) == 'table' and ok.err) then
+      -- Nothing left to keep, or no XSETID (fakeredis): start the stream
+      -- afresh; the record is intact and readers resync from it.
+      redis.call('DEL', log)
+    end
+    redis.log(redis.LOG_WARNING, 'banbus: ' .. log .. ' had ids far in the future (' ..
+      last_generated .. '); deleted ' .. removed .. ' entries and reset the last id')
+    return removed + 1
+  end
+  return removed
+end
+
+local function xadd(ns, maxlen, now, fields)
+  local log = key(ns, 'log')
+  local ok = redis.pcall('XADD', log, 'MAXLEN', '~', fmt(maxlen), '*', unpack(fields))
+  if type(ok) == 'table' and ok.err then
+    if repair_stream(ns, now) == 0 then
+      return redis.error_reply(ok.err)
+    end
+    return redis.call('XADD', log, 'MAXLEN', '~', fmt(maxlen), '*', unpack(fields))
+  end
+  return ok
+end
+
+-- The event with `eid` written at or after server time `since`, searched
+-- from the newest entry back.  Returns the entry, or nil and whether the
+-- search could see the whole window (false: the stream was trimmed past it).
+local function find_event(ns, eid, since)
+  local log = key(ns, 'log')
+  if redis.call('EXISTS', log) == 0 then
+    return nil, true
+  end
+  local upper = '+'
+  while true do
+    local page = redis.call('XREVRANGE', log, upper, '-', 'COUNT', 200)
+    if #page == 0 then break end
+    for i = 1, #page do
+      local entry = page[i]
+      if id_ms(entry[1]) < since then
+        return nil, true
+      end
+      local fields = entry[2]
+      for j = 1, #fields - 1, 2 do
+        if fields[j] == 'eid' then
+          if fields[j + 1] == eid then return entry end
+          break
+        end
+      end
+    end
+    upper = '(' .. page[#page][1]
+  end
+  -- Reached the oldest entry without passing `since`: the window is whole
+  -- only if nothing was ever trimmed or deleted from this stream.
+  local info = redis.call('XINFO', 'STREAM', log)
+  local added, length
+  for i = 1, #info, 2 do
+    if info[i] == 'entries-added' then added = info[i + 1] end
+    if info[i] == 'length' then length = info[i + 1] end
+  end
+  return nil, added ~= nil and added == length
+end
+
+local function field_of(fields, name)
+  for j = 1, #fields - 1, 2 do
+    if fields[j] == name then return fields[j + 1] end
+  end
+  return nil
 end
 
 -- ---------------------------------------------------------------------------
@@ -580,17 +817,21 @@ local function record_json(expires, reason, origin, seq)
     .. fmt(seq) .. ']'
 end
 
-local function record_expires(text)
-  local e = string.match(text, '^%[%s*(%d+)')
-  return e and tonumber(e)
-end
-
-local function purge(ns, table_name, now)
-  local zkey = key(ns, table_name .. ':exp')
+-- Expired entries leave the record here (nodes expire them locally, so no
+-- events).  The digest follows.
+local function purge(ns, kind_char, table_name, now, dg)
+  local zkey, hkey = key(ns, table_name .. ':exp'), key(ns, table_name)
   local expired = redis.call('ZRANGEBYSCORE', zkey, '-inf', fmt(now), 'LIMIT', '0', PURGE_BATCH)
   if #expired > 0 then
+    local values = redis.call('HMGET', hkey, unpack(expired))
+    for i = 1, #expired do
+      local e = values[i] and record_expires(values[i])
+      if e then dg_add(dg, kind_char, expired[i], e, -1) end
+    end
     redis.call('ZREM', zkey, unpack(expired))
-    redis.call('HDEL', key(ns, table_name), unpack(expired))
+    redis.call('HDEL', hkey, unpack(expired))
+    -- Saved now: a later step may still refuse the call.
+    redis.call('HSET', key(ns, 'head'), 'd1', fmt(dg[1]), 'd2', fmt(dg[2]), 'n', fmt(dg[3]))
   end
 end
 
@@ -604,78 +845,116 @@ local function ensure_epoch(ns, time)
   return epoch
 end
 
-local function stored_reply(text)
-  local seq, exp, id, target = string.match(text, '^(%d+) (%d+) (%S*) (%S+)$')
-  if not seq then return nil end
-  return {tonumber(seq), id, target, tonumber(exp)}
+local function remember_removal(ns, member, now)
+  local rkey = key(ns, 'removed')
+  redis.call('ZADD', rkey, fmt(now), member)
+  local count = redis.call('ZCARD', rkey)
+  if count > TOMBSTONE_LIMIT then
+    redis.call('ZREMRANGEBYRANK', rkey, 0, count - TOMBSTONE_LIMIT - 1)
+  end
 end
 
-local function store_reply(ns, eid, reply)
-  local text = fmt(reply[1]) .. ' ' .. fmt(reply[4]) .. ' ' .. reply[2] .. ' ' .. reply[3]
-  redis.call('SET', key(ns, 'eid:' .. eid), text, 'PX', EID_TTL_MS)
+-- Was `member` (or the whole namespace) removed at or after `since`?  Also
+-- true when tombstones that old may have been dropped by the cap.
+local function removed_since(ns, member, since)
+  local rkey = key(ns, 'removed')
+  local t = redis.call('ZSCORE', rkey, member)
+  if t and tonumber(t) >= since then return true end
+  local c = redis.call('ZSCORE', rkey, '*')
+  if c and tonumber(c) >= since then return true end
+  if redis.call('ZCARD', rkey) >= TOMBSTONE_LIMIT then
+    local oldest = redis.call('ZRANGE', rkey, 0, 0, 'WITHSCORES')
+    if oldest[2] and tonumber(oldest[2]) > since then return true end
+  end
+  return false
+end
+
+local function current_epoch(ns)
+  return redis.call('GET', key(ns, 'epoch')) or ''
+end
+
+local function duplicate_reply(ns, entry, target)
+  local fields = entry[2]
+  return {tonumber(field_of(fields, 'seq')) or 0, entry[1], field_of(fields, 'target') or target,
+    tonumber(field_of(fields, 'expires')) or 0, 'duplicate', current_epoch(ns)}
 end
 
 local OPS = {
-  banbus_ban = {op = 'ban', table_name = 'bans', adding = true},
-  banbus_allow = {op = 'allow', table_name = 'allow', adding = true},
-  banbus_unban = {op = 'unban', table_name = 'bans', adding = false},
-  banbus_disallow = {op = 'disallow', table_name = 'allow', adding = false},
+  banbus_ban = {op = 'ban', kind = 'add', table_name = 'bans', char = 'b'},
+  banbus_allow = {op = 'allow', kind = 'add', table_name = 'allow', char = 'a'},
+  banbus_unban = {op = 'unban', kind = 'remove', table_name = 'bans', char = 'b'},
+  banbus_disallow = {op = 'disallow', kind = 'remove', table_name = 'allow', char = 'a'},
 }
+
+-- The end of every write: the digest and the head, then the reply.
+local function finish(ns, seq, id, dg)
+  redis.call('HSET', key(ns, 'head'), 'seq', fmt(seq), 'id', id, 'd1', fmt(dg[1]),
+    'd2', fmt(dg[2]), 'n', fmt(dg[3]))
+end
 
 local function write(fname, keys, args)
   local spec = OPS[fname]
+  local adding = spec.kind == 'add'
   local usage
-  if spec.adding then
+  if adding then
     usage = 'FCALL ' .. fname .. ' 1 <namespace> <target> <ttl> [reason] [FORCE] [REPLACE] '
-      .. '[ORIGIN <name>] [EID <id>]'
+      .. '[ORIGIN <name>] [EID <id>] [RETRY <ms>] [RESEED <ms>]'
   else
-    usage = 'FCALL ' .. fname .. ' 1 <namespace> <target> [ORIGIN <name>] [EID <id>]'
+    usage = 'FCALL ' .. fname .. ' 1 <namespace> <target> [ORIGIN <name>] [EID <id>] [RETRY <ms>]'
   end
   local ns = namespace(keys, usage)
-  local npos = spec.adding and 2 or 1
+  local npos = adding and 2 or 1
   if #args < npos then
     fail('BANBUS_INVALID', 'usage: ' .. usage)
   end
   local reason = ''
-  if spec.adding and args[3] ~= nil then
+  if adding and args[3] ~= nil then
     reason = args[3]
   end
-  local opts = parse_options(args, spec.adding and 4 or 2, spec.adding, fname)
+  local opts = parse_options(args, adding and 4 or 2, spec.kind, fname)
 
   -- 1. Validate everything before writing anything.
   local cfg = read_config(ns)
   -- Removing an entry is never unsafe, so it needs no FORCE.
-  local target = canonical_target(args[1], cfg.min_v4, cfg.min_v6, opts.force or not spec.adding)
+  local target = canonical_target(args[1], cfg.min_v4, cfg.min_v6, opts.force or not adding)
   local ttl = 0
-  if spec.adding then
+  if adding then
     ttl = parse_ttl(args[2], cfg.max_ttl)
     check_reason(reason)
   end
 
-  -- 2. Server time; 3. purge what has expired (nodes expire locally, so no events).
   local now, time = now_ms()
-  purge(ns, 'bans', now)
-  purge(ns, 'allow', now)
-
-  -- 4. A retried call with the same EID gets the first reply, and writes nothing.
-  if opts.eid then
-    local previous = redis.call('GET', key(ns, 'eid:' .. opts.eid))
-    if previous then
-      local reply = stored_reply(previous)
-      if reply then return reply end
-    end
+  -- 2. A retried call whose first attempt was written gets that reply.
+  local status = 'written'
+  if opts.retry then
+    local entry, complete = find_event(ns, opts.eid, opts.retry)
+    if entry then return duplicate_reply(ns, entry, target) end
+    if not complete then status = 'unverified' end
   end
+
+  -- 3. Purge what has expired (nodes expire locally, so no events).
+  local dg = load_digest(ns)
+  purge(ns, 'b', 'bans', now, dg)
+  purge(ns, 'a', 'allow', now, dg)
 
   local hkey, zkey = key(ns, spec.table_name), key(ns, spec.table_name .. ':exp')
   local expires = 0
   local old = redis.call('HGET', hkey, target)
-  if spec.adding then
-    -- 5. ban/allow: the later expiry wins unless REPLACE; permanent (0) wins.
+  local old_exp = old and record_expires(old)
+  if adding then
+    -- 4. ban/allow: the later expiry wins unless REPLACE; permanent (0) wins.
     if ttl > 0 then
       expires = now + ttl * 1000
     end
-    local old_exp = old and record_expires(old)
-    if old_exp and not opts.replace and (old_exp == 0 or old_exp > now) then
+    local live = old_exp and (old_exp == 0 or old_exp > now)
+    if opts.reseed then
+      -- Restoring after data loss: never over an entry, never over a removal.
+      if live then return {0, '', target, 0, 'present', current_epoch(ns)} end
+      if removed_since(ns, spec.char .. ' ' .. target, opts.reseed) then
+        return {0, '', target, 0, 'lifted', current_epoch(ns)}
+      end
+    end
+    if live and not opts.replace then
       if old_exp == 0 or expires == 0 then
         expires = 0
       elseif old_exp > expires then
@@ -683,71 +962,146 @@ local function write(fname, keys, args)
       end
     end
   elseif not old then
-    -- 6. Nothing to remove: no event, nothing written.
-    return {0, '', target, 0}
+    status = 'absent'
   end
 
-  -- 7. The event, then the record.  Redis has no rollback: the hash and zset
-  -- were read above (a WRONGTYPE would have failed there), and the event goes
-  -- first, so a failure part-way leaves at most a seq gap (which readers
-  -- resync on), never a record change without its event.
+  -- 5. The event, then the record.  Redis has no rollback: everything that
+  -- can fail (a WRONGTYPE, a stream that cannot take entries) fails before
+  -- the first change below, except the XADD itself, which goes first.
   local epoch = ensure_epoch(ns, time)
-  local seq = redis.call('INCR', key(ns, 'seq'))
+  local seq = (tonumber(redis.call('GET', key(ns, 'seq'))) or 0) + 1
   local eid = opts.eid or (epoch .. '-' .. fmt(seq))
   local id
-  if spec.adding then
-    id = redis.call('XADD', key(ns, 'log'), 'MAXLEN', '~', fmt(cfg.maxlen), '*',
-      'op', spec.op, 'target', target, 'expires', fmt(expires), 'reason', reason,
-      'origin', opts.origin, 'eid', eid, 'seq', fmt(seq))
+  if adding then
+    id = xadd(ns, cfg.maxlen, now, {'op', spec.op, 'target', target, 'expires', fmt(expires),
+      'reason', reason, 'origin', opts.origin, 'eid', eid, 'seq', fmt(seq)})
+  else
+    id = xadd(ns, cfg.maxlen, now, {'op', spec.op, 'target', target, 'origin', opts.origin,
+      'eid', eid, 'seq', fmt(seq)})
+  end
+  if type(id) == 'table' then return id end  -- an error reply
+  redis.call('SET', key(ns, 'seq'), fmt(seq))
+  if old_exp then dg_add(dg, spec.char, target, old_exp, -1) end
+  if adding then
     redis.call('HSET', hkey, target, record_json(expires, reason, opts.origin, seq))
     if expires > 0 then
       redis.call('ZADD', zkey, fmt(expires), target)
     else
       redis.call('ZREM', zkey, target)
     end
+    dg_add(dg, spec.char, target, expires, 1)
   else
-    id = redis.call('XADD', key(ns, 'log'), 'MAXLEN', '~', fmt(cfg.maxlen), '*',
-      'op', spec.op, 'target', target, 'origin', opts.origin, 'eid', eid, 'seq', fmt(seq))
-    redis.call('HDEL', hkey, target)
-    redis.call('ZREM', zkey, target)
+    if old then
+      redis.call('HDEL', hkey, target)
+      redis.call('ZREM', zkey, target)
+    end
+    remember_removal(ns, spec.char .. ' ' .. target, now)
   end
+  finish(ns, seq, id, dg)
+  return {seq, id, target, expires, status, epoch}
+end
 
-  -- 8. The reply (remembered for retries when the caller gave an EID).
-  local reply = {seq, id, target, expires}
-  if opts.eid then
-    store_reply(ns, opts.eid, reply)
+local function clear(keys, args)
+  local usage = 'FCALL banbus_clear 1 <namespace> [ORIGIN <name>] [EID <id>] [RETRY <ms>]'
+  local ns = namespace(keys, usage)
+  local opts = parse_options(args, 1, 'clear', 'banbus_clear')
+  local cfg = read_config(ns)
+  local now, time = now_ms()
+  if opts.retry then
+    local entry = find_event(ns, opts.eid, opts.retry)
+    if entry then return duplicate_reply(ns, entry, '') end
   end
-  return reply
+  local epoch = ensure_epoch(ns, time)
+  local seq = (tonumber(redis.call('GET', key(ns, 'seq'))) or 0) + 1
+  local eid = opts.eid or (epoch .. '-' .. fmt(seq))
+  local id = xadd(ns, cfg.maxlen, now, {'op', 'clear', 'origin', opts.origin, 'eid', eid,
+    'seq', fmt(seq)})
+  if type(id) == 'table' then return id end
+  redis.call('SET', key(ns, 'seq'), fmt(seq))
+  redis.call('DEL', key(ns, 'bans'), key(ns, 'bans:exp'), key(ns, 'allow'), key(ns, 'allow:exp'),
+    key(ns, 'removed'))
+  remember_removal(ns, '*', now)
+  finish(ns, seq, id, {0, 0, 0})
+  return {seq, id, '', 0, 'written', epoch}
+end
+
+local function repair(keys, args)
+  local ns = namespace(keys, 'FCALL banbus_repair 1 <namespace>')
+  if #args > 0 then
+    fail('BANBUS_INVALID', 'usage: FCALL banbus_repair 1 <namespace>')
+  end
+  local now = now_ms()
+  local fixed = repair_stream(ns, now)
+  local v = redis.call('HMGET', key(ns, 'head'), 'd1', 'd2', 'n')
+  local before = v[1] and (v[1] .. ' ' .. v[2] .. ' ' .. v[3]) or 'none'
+  local dg = rehash(ns)
+  redis.call('HSET', key(ns, 'head'), 'd1', fmt(dg[1]), 'd2', fmt(dg[2]), 'n', fmt(dg[3]))
+  return {fixed, before, fmt(dg[1]) .. ' ' .. fmt(dg[2]) .. ' ' .. fmt(dg[3])}
 end
 
 -- ---------------------------------------------------------------------------
 -- Reads
 -- ---------------------------------------------------------------------------
 
+-- The last event this library wrote: {id, seq}.  Namespaces written by
+-- library v3 have no head yet: the newest entry and the counter stand in.
+local function head_of(ns)
+  local h = redis.call('HMGET', key(ns, 'head'), 'id', 'seq')
+  if h[1] and h[2] then
+    return h[1], tonumber(h[2])
+  end
+  local last_id, seq = '0-0', nil
+  local newest = redis.call('XREVRANGE', key(ns, 'log'), '+', '-', 'COUNT', '1')
+  if newest[1] then
+    last_id = newest[1][1]
+    seq = tonumber(field_of(newest[1][2], 'seq') or '')
+  end
+  if not seq then
+    seq = tonumber(redis.call('GET', key(ns, 'seq')) or '0') or 0
+  end
+  return last_id, seq
+end
+
 local function state(keys, args)
   local ns = namespace(keys, 'FCALL_RO banbus_state 1 <namespace>')
   if #args > 0 then
     fail('BANBUS_INVALID', 'usage: FCALL_RO banbus_state 1 <namespace>')
   end
-  -- The newest entry's id and seq are the bootstrap watermark; both come from
-  -- one atomic read.
-  local last_id, seq = '0-0', nil
-  local newest = redis.call('XREVRANGE', key(ns, 'log'), '+', '-', 'COUNT', '1')
-  if newest[1] then
-    last_id = newest[1][1]
-    local fields = newest[1][2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'seq' then
-        seq = tonumber(fields[i + 1])
-      end
-    end
-  end
-  if not seq then
-    seq = tonumber(redis.call('GET', key(ns, 'seq')) or '0') or 0
-  end
+  -- The head's id and seq are the bootstrap watermark; both come from one
+  -- atomic read.
+  local last_id, seq = head_of(ns)
   local epoch = redis.call('GET', key(ns, 'epoch')) or ''
   local now = now_ms()
   return {last_id, seq, epoch, now, VERSION}
+end
+
+local function digest(keys, args)
+  local usage = 'FCALL_RO banbus_digest 1 <namespace> <cutoff_ms>'
+  local ns = namespace(keys, usage)
+  if #args ~= 1 then
+    fail('BANBUS_INVALID', 'usage: ' .. usage)
+  end
+  local cutoff = parse_ms('cutoff', args[1])
+  local last_id, seq = head_of(ns)
+  local v = redis.call('HMGET', key(ns, 'head'), 'd1', 'd2', 'n')
+  if not (v[1] and v[2] and v[3]) then
+    return {seq, last_id, 'unknown', 0, 0, 0}
+  end
+  local dg = {tonumber(v[1]), tonumber(v[2]), tonumber(v[3])}
+  local c = fmt(cutoff)
+  for _, t in ipairs(TABLES) do
+    local zkey = key(ns, t[2] .. ':exp')
+    if redis.call('ZCOUNT', zkey, '-inf', c) > DIGEST_EXCLUDE_LIMIT then
+      return {seq, last_id, 'busy', 0, 0, 0}
+    end
+    -- Entries that expire before the cutoff are left out (the node does the
+    -- same), whether or not a purge has removed them yet.
+    local due = redis.call('ZRANGEBYSCORE', zkey, '-inf', c, 'WITHSCORES')
+    for i = 1, #due, 2 do
+      dg_add(dg, t[1], due[i], tonumber(due[i + 1]), -1)
+    end
+  end
+  return {seq, last_id, 'ok', dg[1], dg[2], dg[3]}
 end
 
 local function check(keys, args)
@@ -758,7 +1112,7 @@ local function check(keys, args)
   end
   local force = false
   if args[2] ~= nil then
-    if string.upper(args[2]) ~= 'FORCE' then
+    if string.upper(string.sub(args[2], 1, 16)) ~= 'FORCE' then
       fail('BANBUS_INVALID', 'option ' .. describe(args[2])
         .. ' is unknown to banbus_check; expected FORCE')
     end
@@ -798,8 +1152,24 @@ register_write('banbus_unban')
 register_write('banbus_disallow')
 
 redis.register_function{
+  function_name = 'banbus_clear',
+  callback = entry(clear),
+}
+
+redis.register_function{
+  function_name = 'banbus_repair',
+  callback = entry(repair),
+}
+
+redis.register_function{
   function_name = 'banbus_state',
   callback = entry(state),
+  flags = {'no-writes'},
+}
+
+redis.register_function{
+  function_name = 'banbus_digest',
+  callback = entry(digest),
   flags = {'no-writes'},
 }
 

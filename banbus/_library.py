@@ -36,6 +36,7 @@ from ._exceptions import (
     ServerError,
     UnsafeBan,
 )
+from ._keys import LIMITS
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -45,17 +46,34 @@ if TYPE_CHECKING:
 __all__ = [
     "LIBRARY_CODE",
     "LIBRARY_NAME",
+    "LIBRARY_SOURCE",
     "LIBRARY_VERSION",
     "ensure_library",
+    "render",
     "translate_error",
 ]
 
 logger = logging.getLogger("banbus")
 
 LIBRARY_NAME: Final = "banbus"
-LIBRARY_CODE: Final = (
+_LIMIT_LINE: Final = re.compile(r"^(local \w+ = )(\S+)( -- @(\w+))$", re.MULTILINE)
+
+
+def render(code: str) -> str:
+    """Write the limits of :mod:`banbus._keys` into the library's ``-- @NAME`` lines.
+
+    :raises KeyError: a line names a limit ``_keys.LIMITS`` does not have.
+    """
+    return _LIMIT_LINE.sub(lambda m: f"{m[1]}{LIMITS[m[4]]}{m[3]}", code)
+
+
+#: The library source as shipped (``banbus/_library.lua``).
+LIBRARY_SOURCE: Final = (
     resources.files(__package__ or "banbus").joinpath("_library.lua").read_text(encoding="utf-8")
 )
+#: What is loaded into Redis: the source with the limits of ``_keys`` (a test
+#: checks that the file already carries them, so both are the same text).
+LIBRARY_CODE: Final = render(LIBRARY_SOURCE)
 
 
 def _parse_version(code: str) -> int:

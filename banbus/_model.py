@@ -21,6 +21,14 @@ from typing import Annotated, Final, Literal, TypeAlias
 import msgspec
 
 from ._exceptions import InvalidReason, InvalidTTL
+from ._keys import (
+    MAX_EID_BYTES,
+    MAX_EXPIRES_MS,
+    MAX_ORIGIN_BYTES,
+    MAX_REASON_BYTES,
+    MAX_TARGET_LENGTH,
+    MAX_TTL_SECONDS,
+)
 
 __all__ = [
     "MAX_EID_BYTES",
@@ -28,11 +36,15 @@ __all__ = [
     "MAX_REASON_BYTES",
     "MAX_TTL_SECONDS",
     "Allow",
+    "AnyEvent",
     "Ban",
     "BanRecord",
+    "Clear",
     "Disallow",
     "Entry",
     "Event",
+    "StreamEvent",
+    "TargetEvent",
     "Unban",
     "check_origin",
     "check_reason",
@@ -40,18 +52,12 @@ __all__ = [
     "parse_ttl",
 ]
 
-MAX_REASON_BYTES: Final = 512
-MAX_ORIGIN_BYTES: Final = 64
-MAX_EID_BYTES: Final = 128
-#: Ten years: longer is a typo; use 0 for a permanent ban.
-MAX_TTL_SECONDS: Final = 10 * 365 * 86400
-#: Expiry times are server milliseconds; anything past year 2200 is garbage.
-_MAX_EXPIRES_MS: Final = 7_258_118_400_000
+_MAX_EXPIRES_MS: Final = MAX_EXPIRES_MS
 
 _Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON_BYTES)]
 _Origin = Annotated[str, msgspec.Meta(max_length=MAX_ORIGIN_BYTES)]
 _Eid = Annotated[str, msgspec.Meta(max_length=MAX_EID_BYTES)]
-_Target = Annotated[str, msgspec.Meta(min_length=2, max_length=64)]
+_Target = Annotated[str, msgspec.Meta(min_length=2, max_length=MAX_TARGET_LENGTH)]
 _Expires = Annotated[int, msgspec.Meta(ge=0, le=_MAX_EXPIRES_MS)]
 _Seq = Annotated[int, msgspec.Meta(ge=0)]
 
@@ -59,35 +65,45 @@ _Seq = Annotated[int, msgspec.Meta(ge=0)]
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="op"):
     """One entry of the ``{ns}:log`` stream."""
 
-    target: _Target
     origin: _Origin = ""
     eid: _Eid = ""
     seq: _Seq = 0
 
 
-class Ban(Event, tag="ban", frozen=True, kw_only=True):
+class TargetEvent(Event, frozen=True, kw_only=True):
+    """An event about one target (address or CIDR network)."""
+
+    target: _Target
+
+
+class Ban(TargetEvent, tag="ban", frozen=True, kw_only=True):
     """Ban *target* until *expires* (server ms; 0 = permanent)."""
 
     expires: _Expires = 0
     reason: _Reason = ""
 
 
-class Unban(Event, tag="unban", frozen=True, kw_only=True):
+class Unban(TargetEvent, tag="unban", frozen=True, kw_only=True):
     """Lift the ban on *target*."""
 
 
-class Allow(Event, tag="allow", frozen=True, kw_only=True):
+class Allow(TargetEvent, tag="allow", frozen=True, kw_only=True):
     """Allowlist *target* until *expires*; the allowlist beats every ban."""
 
     expires: _Expires = 0
     reason: _Reason = ""
 
 
-class Disallow(Event, tag="disallow", frozen=True, kw_only=True):
+class Disallow(TargetEvent, tag="disallow", frozen=True, kw_only=True):
     """Remove *target* from the allowlist."""
 
 
+class Clear(Event, tag="clear", frozen=True, kw_only=True):
+    """The namespace was emptied on purpose (``banbus clear``): drop everything."""
+
+
 AnyEvent: TypeAlias = Ban | Unban | Allow | Disallow
+StreamEvent: TypeAlias = Ban | Unban | Allow | Disallow | Clear
 
 
 class BanRecord(msgspec.Struct, frozen=True, gc=False):
@@ -106,15 +122,20 @@ class BanRecord(msgspec.Struct, frozen=True, gc=False):
 # -- decoding --------------------------------------------------------------------
 
 
-_OPS: Final[dict[str | None, type[AnyEvent]]] = {
-    "ban": Ban, "unban": Unban, "allow": Allow, "disallow": Disallow,
+_OPS: Final[dict[str | None, type[StreamEvent]]] = {
+    "ban": Ban, "unban": Unban, "allow": Allow, "disallow": Disallow, "clear": Clear,
 }  # fmt: skip
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _digits(fields: dict[str, str], name: str, limit: int) -> int:
     text = fields.get(name, "0")
     if not isinstance(text, str) or not (text.isascii() and text.isdigit()) or len(text) > 19:
-        raise msgspec.ValidationError(f"{name} must be a non-negative integer, not {text!r}")
+        raise msgspec.ValidationError(f"{name} must be a non-negative integer, not {_shown(text)}")
     value = int(text)
     if value > limit:
         raise msgspec.ValidationError(f"{name} {value} is out of range")
@@ -147,24 +168,28 @@ def ban_fields(fields: list[str]) -> tuple[bool, str, int, str, str, str, int] |
     op, target, expires, reason, origin, eid, seq = fields[1::2]
     if (
         (op == "ban" or op == "allow")
-        and 2 <= len(target) <= 64
+        and 2 <= len(target) <= MAX_TARGET_LENGTH
         and len(expires) <= 13
         and expires.isdigit()
         and expires.isascii()
         and len(seq) <= 18
         and seq.isdigit()
         and seq.isascii()
-        and len(reason) <= MAX_REASON_BYTES // 4
-        and len(origin) <= MAX_ORIGIN_BYTES // 4
-        and len(eid) <= MAX_EID_BYTES // 4
-    ):
+        # Byte limits without encoding: 4 bytes per character at most, and
+        # one for ASCII (``isascii`` is O(1): CPython keeps the flag).
+        and (len(reason) <= MAX_REASON_BYTES // 4 or
+             (len(reason) <= MAX_REASON_BYTES and reason.isascii()))
+        and (len(origin) <= MAX_ORIGIN_BYTES // 4 or
+             (len(origin) <= MAX_ORIGIN_BYTES and origin.isascii()))
+        and (len(eid) <= MAX_EID_BYTES // 4 or (len(eid) <= MAX_EID_BYTES and eid.isascii()))
+    ):  # fmt: skip
         expires_ms = int(expires)
         if expires_ms <= _MAX_EXPIRES_MS:
             return op == "ban", target, expires_ms, reason, origin, eid, int(seq)
     return None
 
 
-def decode_flat(fields: list[str]) -> AnyEvent:
+def decode_flat(fields: list[str]) -> StreamEvent:
     """Decode a stream entry's flat ``[field, value, …]`` list (as XREAD returns it).
 
     :raises msgspec.ValidationError: malformed entry.
@@ -179,7 +204,7 @@ def decode_flat(fields: list[str]) -> AnyEvent:
     return decode_entry(dict(zip(fields[0::2], fields[1::2], strict=True)))
 
 
-def decode_entry(fields: dict[str, str]) -> AnyEvent:
+def decode_entry(fields: dict[str, str]) -> StreamEvent:
     """Validate one stream entry's fields and return its event.
 
     Hand-written rather than ``msgspec.convert`` because it runs once per
@@ -191,13 +216,17 @@ def decode_entry(fields: dict[str, str]) -> AnyEvent:
     op = fields.get("op")
     cls = _OPS.get(op)
     if cls is None:
-        raise msgspec.ValidationError(f"unknown op {op!r}; expected ban, unban, allow, disallow")
-    target = fields.get("target")
-    if not isinstance(target, str) or not 2 <= len(target) <= 64:
-        raise msgspec.ValidationError(f"target {target!r} is missing or has a bad length")
+        raise msgspec.ValidationError(
+            f"unknown op {_shown(op)}; expected ban, unban, allow, disallow, clear"
+        )
     origin = _text(fields, "origin", MAX_ORIGIN_BYTES)
     eid = _text(fields, "eid", MAX_EID_BYTES)
     seq = _digits(fields, "seq", 2**63 - 1)
+    if cls is Clear:
+        return Clear(origin=origin, eid=eid, seq=seq)
+    target = fields.get("target")
+    if not isinstance(target, str) or not 2 <= len(target) <= MAX_TARGET_LENGTH:
+        raise msgspec.ValidationError(f"target {_shown(target)} is missing or has a bad length")
     if cls is Ban or cls is Allow:
         return cls(
             target=target,
@@ -207,6 +236,7 @@ def decode_entry(fields: dict[str, str]) -> AnyEvent:
             eid=eid,
             seq=seq,
         )
+    assert cls is Unban or cls is Disallow
     return cls(target=target, origin=origin, eid=eid, seq=seq)
 
 
@@ -230,7 +260,7 @@ entry_decoder: Final = msgspec.json.Decoder(Entry)
 
 # -- argument checks shared by the API and the CLI --------------------------------
 
-_TTL_RE: Final = re.compile(r"^\s*(\d{1,12})\s*([smhdw]?)\s*$", re.IGNORECASE)
+_TTL_RE: Final = re.compile(r"^\s*(\d{1,12})\s*([smhdw]?)\s*$", re.IGNORECASE | re.ASCII)
 _UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _ORIGIN_RE: Final = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
@@ -286,10 +316,17 @@ def check_reason(reason: str | None) -> str:
         return ""
     if not isinstance(reason, str):
         raise InvalidReason(f"reason must be text, not {type(reason).__name__}")
-    if len(reason.encode("utf-8", "surrogatepass")) > MAX_REASON_BYTES:
-        raise InvalidReason(f"reason is longer than {MAX_REASON_BYTES} bytes")
+    size = len(reason.encode("utf-8", "surrogatepass"))
+    if size > MAX_REASON_BYTES:
+        raise InvalidReason(f"reason is {size} bytes long; the limit is {MAX_REASON_BYTES}")
     if _CONTROL_RE.search(reason):
         raise InvalidReason("reason must not contain control characters (newlines, tabs …)")
+    try:
+        reason.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (text decoded with errors="surrogateescape"):
+        # Redis would refuse it, so it is refused here, before anything is done.
+        raise InvalidReason("reason is not valid UTF-8 (it has a lone surrogate)") from None
     return reason
 
 

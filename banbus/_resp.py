@@ -7,24 +7,58 @@ redis-py's asyncio client costs a task switch, a ``StreamReader`` and a
 each reply to an optional *sink* callback synchronously, so a ban is applied
 and live connections are aborted in the same event-loop callback that
 received the bytes.  It implements only what the reader needs: connect,
-AUTH/SELECT/CLIENT SETNAME, one command at a time, close.
+AUTH/SELECT/CLIENT SETNAME, pipelined commands answered in order, close.
+
+:class:`PyConnection` offers the same interface over a redis-py connection,
+for pools banbus cannot dial itself (Sentinel, credential providers): it is
+slower (one task runs the commands in turn) but follows the same protocol,
+:class:`ReaderConnection`.  It always speaks RESP2, whatever the pool's
+default (redis-py 8 defaults to RESP3, where ``XREAD`` answers a dict).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl as _ssl
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import hiredis
+import redis.exceptions as redis_errors
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from redis.asyncio import Redis
 
-__all__ = ["RespConnection", "RespError", "ServerAddress", "address_of"]
+__all__ = [
+    "PyConnection",
+    "ReaderConnection",
+    "RespConnection",
+    "RespError",
+    "ServerAddress",
+    "address_of",
+]
+
+
+class ReaderConnection(Protocol):
+    """What the stream follower needs from a connection."""
+
+    @property
+    def is_open(self) -> bool: ...
+
+    def call(
+        self, *args: bytes | str | int, sink: Callable[[Any], None] | None = None
+    ) -> asyncio.Future[Any]:
+        """Send one command; *sink* gets the reply before the future resolves."""
+        ...
+
+    async def serve(self) -> None:
+        """Run what the connection needs to run (returns when it closes; never raises)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class RespError(Exception):
@@ -209,6 +243,9 @@ class RespConnection(asyncio.Protocol):
     def is_open(self) -> bool:
         return self._transport is not None and self._lost is None
 
+    async def serve(self) -> None:
+        """Nothing to run: replies are handled in ``data_received``."""
+
     def call(
         self, *args: bytes | str | int, sink: Callable[[Any], None] | None = None
     ) -> asyncio.Future[Any]:
@@ -230,4 +267,97 @@ class RespConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Abort the connection; pending calls fail with ``ConnectionError``."""
+        self._fail(ConnectionError("connection closed by client"))
+
+
+class PyConnection:
+    """A :class:`ReaderConnection` over one redis-py connection, in RESP2.
+
+    Commands are sent and answered one at a time by :meth:`serve`, which the
+    owner runs in its task group for as long as the connection is used.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._queue: deque[
+            tuple[tuple[bytes | str | int, ...], asyncio.Future[Any], Callable[[Any], None] | None]
+        ] = deque()
+        self._wakeup = asyncio.Event()
+        self._open = True
+
+    @classmethod
+    async def open(cls, client: Redis, name: str) -> PyConnection:
+        """A new connection from *client*'s pool settings (not from the pool itself)."""
+        pool = client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs.update(
+            decode_responses=True,
+            encoding_errors="replace",
+            socket_timeout=None,
+            client_name=name,
+            protocol=2,
+        )
+        conn = pool.connection_class(**kwargs)
+        await conn.connect()  # type: ignore[no-untyped-call]
+        return cls(conn)
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def call(
+        self, *args: bytes | str | int, sink: Callable[[Any], None] | None = None
+    ) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieve)
+        if not self._open:
+            future.set_exception(ConnectionError("connection closed"))
+            return future
+        self._queue.append((args, future, sink))
+        self._wakeup.set()
+        return future
+
+    async def serve(self) -> None:
+        try:
+            while self._open:
+                if not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                args, future, sink = self._queue[0]
+                try:
+                    await self._conn.send_command(*args)
+                    reply = await self._conn.read_response()
+                except redis_errors.ResponseError as exc:
+                    self._queue.popleft()
+                    if not future.done():
+                        future.set_exception(RespError(str(exc)))
+                    continue
+                except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+                    self._fail(ConnectionError(str(exc)))
+                    return
+                self._queue.popleft()
+                if future.done():
+                    continue
+                try:
+                    if sink is not None:
+                        sink(reply)
+                except Exception as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(reply)
+        finally:
+            self._fail(ConnectionError("connection closed"))
+
+    def _fail(self, exc: Exception) -> None:
+        self._open = False
+        self._wakeup.set()
+        while self._queue:
+            _, future, _ = self._queue.popleft()
+            if not future.done():
+                future.set_exception(exc)
+        with contextlib.suppress(Exception):
+            self._conn._close()
+
+    def close(self) -> None:
         self._fail(ConnectionError("connection closed by client"))

@@ -25,6 +25,12 @@ import socket
 from typing import Final, NamedTuple
 
 from ._exceptions import InvalidTarget, UnsafeBan
+from ._keys import (
+    DEFAULT_MIN_PREFIX_V4,
+    DEFAULT_MIN_PREFIX_V6,
+    MAX_TARGET_INPUT_BYTES,
+    MAX_TARGET_LENGTH,
+)
 
 __all__ = [
     "DEFAULT_MIN_PREFIX_V4",
@@ -34,11 +40,6 @@ __all__ = [
     "format_target",
     "parse_target",
 ]
-
-DEFAULT_MIN_PREFIX_V4: Final = 8
-DEFAULT_MIN_PREFIX_V6: Final = 32
-#: ``ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255/128`` is 49 characters.
-MAX_TARGET_LENGTH: Final = 64
 
 _MAPPED_NET: Final = ipaddress.IPv6Network("::ffff:0:0/96")
 
@@ -89,6 +90,15 @@ def parse_target(
     """
     if not isinstance(text, str):
         raise InvalidTarget(f"target must be a string, not {type(text).__name__}")
+    # Bounded before any other work (the function library does the same).
+    if len(text) > MAX_TARGET_INPUT_BYTES or (
+        not text.isascii() and len(text.encode("utf-8", "surrogatepass")) > MAX_TARGET_INPUT_BYTES
+    ):
+        size = len(text.encode("utf-8", "surrogatepass"))
+        raise InvalidTarget(
+            f"target is {size} bytes long; an IP address or CIDR network "
+            f"is at most {MAX_TARGET_LENGTH}"
+        )
     raw = text.strip()
     if not raw:
         raise InvalidTarget("target is empty; expected an IP address or CIDR network")

@@ -58,7 +58,7 @@ def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 
 
 def xlen(r: redis.Redis, namespace: str) -> int:
-    return int(r.xlen(namespace_keys(namespace)["log"]))  # type: ignore[arg-type]
+    return int(r.xlen(namespace_keys(namespace).log))  # type: ignore[arg-type]
 
 
 def test_ban_list_check_unban(cli: Run, r: redis.Redis, namespace: str) -> None:
@@ -70,7 +70,7 @@ def test_ban_list_check_unban(cli: Run, r: redis.Redis, namespace: str) -> None:
     assert code == 0
     assert "banned 198.51.100.0/24 permanently (seq 2)" in out
     assert xlen(r, namespace) == 2
-    assert set(r.hkeys(namespace_keys(namespace)["bans"])) == {"203.0.113.7", "198.51.100.0/24"}
+    assert set(r.hkeys(namespace_keys(namespace).bans)) == {"203.0.113.7", "198.51.100.0/24"}
 
     code, out, _ = cli("list")
     assert code == 0
@@ -105,11 +105,13 @@ def test_ban_list_check_unban(cli: Run, r: redis.Redis, namespace: str) -> None:
     assert code == 0
     assert "removed ban on 203.0.113.7 (seq 3)" in out
     assert cli("check", "203.0.113.7")[0] == 0
-    # Unbanning again is a no-op that writes nothing.
+    # Unbanning again changes nothing, but is logged and remembered (a
+    # tombstone: a re-seed after data loss must not undo it).
     code, out, _ = cli("unban", "203.0.113.7")
     assert code == 0
     assert "nothing to do" in out
-    assert xlen(r, namespace) == 3
+    assert xlen(r, namespace) == 4
+    assert r.zscore(namespace_keys(namespace).removed, "b 203.0.113.7") is not None
 
 
 def test_allow_and_disallow(cli: Run, namespace: str, r: redis.Redis) -> None:
@@ -127,7 +129,7 @@ def test_allow_and_disallow(cli: Run, namespace: str, r: redis.Redis) -> None:
     assert code == 0
     assert "removed allowlist entry for 10.1.2.3" in out
     assert cli("check", "10.1.2.3")[0] == 1
-    assert r.hlen(namespace_keys(namespace)["allow"]) == 0
+    assert r.hlen(namespace_keys(namespace).allow) == 0
 
 
 def test_force_and_ttl_units(cli: Run, r: redis.Redis, namespace: str) -> None:
@@ -167,7 +169,7 @@ def test_watch_from_the_beginning(cli: Run) -> None:
 
 
 def test_watch_shows_malformed_entries(cli: Run, r: redis.Redis, namespace: str) -> None:
-    r.xadd(namespace_keys(namespace)["log"], {"op": "explode", "target": "1.2.3.4"})
+    r.xadd(namespace_keys(namespace).log, {"op": "explode", "target": "1.2.3.4"})
     code, out, _ = cli("watch", "--from", "0", "--count", "1")
     assert code == 0
     assert "malformed" in out
@@ -251,8 +253,8 @@ def test_bad_input_exits_2_with_one_line(
     assert err.startswith("banbus: error: ")
     assert len(err) < 300
     assert xlen(r, namespace) == before
-    assert r.hkeys(namespace_keys(namespace)["bans"]) == ["192.0.2.1"]
-    assert r.hlen(namespace_keys(namespace)["allow"]) == 0
+    assert r.hkeys(namespace_keys(namespace).bans) == ["192.0.2.1"]
+    assert r.hlen(namespace_keys(namespace).allow) == 0
 
 
 def test_bad_input_names_the_problem(cli: Run) -> None:
@@ -298,7 +300,7 @@ def test_env_var_url_and_namespace(
     monkeypatch.setenv("BANBUS_NAMESPACE", namespace)
     assert main(["ban", "192.0.2.55"]) == 0
     assert "192.0.2.55" in capsys.readouterr().out
-    assert r.hkeys(namespace_keys(namespace)["bans"]) == ["192.0.2.55"]
+    assert r.hkeys(namespace_keys(namespace).bans) == ["192.0.2.55"]
     assert main(["check", "192.0.2.55"]) == 1
     # --redis beats the environment.
     monkeypatch.setenv("BANBUS_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")

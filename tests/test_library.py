@@ -332,16 +332,17 @@ async def test_error_messages_read_like_python(r: AsyncRedis, namespace: str) ->
 @pytest.mark.anyio
 async def test_ban_writes_record_index_and_event(r: AsyncRedis, namespace: str) -> None:
     before = await server_ms(r)
-    seq, stream_id, target, expires = await fcall(
+    seq, stream_id, target, expires, status, epoch = await fcall(
         r, "banbus_ban", namespace, " 2001:DB8::0:7 ", "3600", "scanner", "ORIGIN", "node-1"
     )
+    assert status == "written"
     after = await server_ms(r)
     assert (seq, target) == (1, "2001:db8::7")
     assert before + 3_600_000 <= expires <= after + 3_600_000
     ns = f"{{{namespace}}}"
     assert json.loads(await r.hget(f"{ns}:bans", target)) == [expires, "scanner", "node-1", 1]
     assert await r.zrange(f"{ns}:bans:exp", 0, -1, withscores=True) == [(target, expires)]
-    epoch = await r.get(f"{ns}:epoch")
+    assert epoch == await r.get(f"{ns}:epoch")
     assert epoch and re.fullmatch(r"[0-9]+", epoch)
     entries = await r.xrange(f"{ns}:log")
     assert entries == [
@@ -362,6 +363,9 @@ async def test_ban_writes_record_index_and_event(r: AsyncRedis, namespace: str) 
     # (redis-py builds the field dict in reply order.)
     assert list(entries[0][1]) == ["op", "target", "expires", "reason", "origin", "eid", "seq"]
     assert await r.get(f"{ns}:seq") == "1"
+    # The head: the last event the library wrote, and the record's digest.
+    head = await r.hgetall(f"{ns}:head")
+    assert (head["seq"], head["id"], head["n"]) == ("1", stream_id, "1")
 
 
 @pytest.mark.anyio
@@ -383,16 +387,18 @@ async def test_reason_is_optional_and_json_safe(r: AsyncRedis, namespace: str) -
 @pytest.mark.anyio
 async def test_reban_merges_expiry(r: AsyncRedis, namespace: str) -> None:
     ns = f"{{{namespace}}}"
-    _, _, _, first = await fcall(r, "banbus_ban", namespace, "198.51.100.1", "3600")
+    _, _, _, first, *_ = await fcall(r, "banbus_ban", namespace, "198.51.100.1", "3600")
     # A shorter re-ban keeps the later expiry, but is still an event.
-    seq, _, _, merged = await fcall(r, "banbus_ban", namespace, "198.51.100.1", "60", "again")
+    seq, _, _, merged, *_ = await fcall(r, "banbus_ban", namespace, "198.51.100.1", "60", "again")
     assert (seq, merged) == (2, first)
     assert json.loads(await r.hget(f"{ns}:bans", "198.51.100.1")) == [first, "again", "fcall", 2]
     # A longer one extends.
-    _, _, _, longer = await fcall(r, "banbus_ban", namespace, "198.51.100.1", "7200")
+    _, _, _, longer, *_ = await fcall(r, "banbus_ban", namespace, "198.51.100.1", "7200")
     assert longer > first
     # REPLACE sets it exactly, even shorter.
-    _, _, _, short = await fcall(r, "banbus_ban", namespace, "198.51.100.1", "60", "", "replace")
+    _, _, _, short, *_ = await fcall(
+        r, "banbus_ban", namespace, "198.51.100.1", "60", "", "replace"
+    )
     assert short < first
     assert await r.zscore(f"{ns}:bans:exp", "198.51.100.1") == short
     # Permanent wins over any expiry, and a later timed ban does not undo it.
@@ -400,7 +406,9 @@ async def test_reban_merges_expiry(r: AsyncRedis, namespace: str) -> None:
     assert (await fcall(r, "banbus_ban", namespace, "198.51.100.1", "60"))[3] == 0
     assert await r.zscore(f"{ns}:bans:exp", "198.51.100.1") is None
     # ... unless replaced.
-    _, _, _, timed = await fcall(r, "banbus_ban", namespace, "198.51.100.1", "60", "", "REPLACE")
+    _, _, _, timed, *_ = await fcall(
+        r, "banbus_ban", namespace, "198.51.100.1", "60", "", "REPLACE"
+    )
     assert timed > 0
     assert await r.zscore(f"{ns}:bans:exp", "198.51.100.1") == timed
     assert await r.xlen(f"{ns}:log") == 7
@@ -409,12 +417,12 @@ async def test_reban_merges_expiry(r: AsyncRedis, namespace: str) -> None:
 @pytest.mark.anyio
 async def test_reban_after_real_expiry(r: AsyncRedis, namespace: str) -> None:
     ns = f"{{{namespace}}}"
-    _, _, _, first = await fcall(r, "banbus_ban", namespace, "198.51.100.2", "1")
+    _, _, _, first, *_ = await fcall(r, "banbus_ban", namespace, "198.51.100.2", "1")
     with anyio.fail_after(5):
         while await server_ms(r) <= first:  # wait on the server's clock
             await anyio.sleep(0.02)
     start = await server_ms(r)
-    seq, _, _, again = await fcall(r, "banbus_ban", namespace, "198.51.100.2", "1", "back")
+    seq, _, _, again, *_ = await fcall(r, "banbus_ban", namespace, "198.51.100.2", "1", "back")
     assert seq == 2
     assert start + 1000 <= again <= await server_ms(r) + 1000
     assert json.loads(await r.hget(f"{ns}:bans", "198.51.100.2")) == [again, "back", "fcall", 2]
@@ -439,7 +447,10 @@ async def test_purge_removes_expired_entries_without_events(r: AsyncRedis, names
     assert await r.hlen(f"{ns}:allow") == 0
     await fcall(r, "banbus_unban", namespace, "203.0.113.200")  # no-op still purges
     assert await r.hlen(f"{ns}:bans") == 1
-    assert await r.xlen(f"{ns}:log") == 1
+    assert await r.xlen(f"{ns}:log") == 2  # the ban, and the (remembered) removal
+    # The digest followed the purges: it is that of the one entry left.
+    head = await r.hgetall(f"{ns}:head")
+    assert head["n"] == "1"
 
 
 @pytest.mark.anyio
@@ -447,10 +458,10 @@ async def test_unban_and_disallow(r: AsyncRedis, namespace: str) -> None:
     ns = f"{{{namespace}}}"
     await fcall(r, "banbus_ban", namespace, "2001:db8:1::/48", "600")
     await fcall(r, "banbus_allow", namespace, "10.0.0.0/7", "0", "", "FORCE")
-    seq, stream_id, target, expires = await fcall(
+    seq, stream_id, target, expires, status, _ = await fcall(
         r, "banbus_unban", namespace, "2001:DB8:1:0::/48", "ORIGIN", "ops"
     )
-    assert (seq, target, expires) == (3, "2001:db8:1::/48", 0)
+    assert (seq, target, expires, status) == (3, "2001:db8:1::/48", 0, "written")
     assert not await r.hexists(f"{ns}:bans", target)
     assert await r.zscore(f"{ns}:bans:exp", target) is None
     epoch = await r.get(f"{ns}:epoch")
@@ -460,47 +471,107 @@ async def test_unban_and_disallow(r: AsyncRedis, namespace: str) -> None:
         {"op": "unban", "target": target, "origin": "ops", "eid": f"{epoch}-3", "seq": "3"},
     )
     # Removing a wide entry needs no FORCE.
-    seq, _, target, _ = await fcall(r, "banbus_disallow", namespace, "10.0.0.0/7")
+    seq, _, target, *_ = await fcall(r, "banbus_disallow", namespace, "10.0.0.0/7")
     assert (seq, target) == (4, "10.0.0.0/7")
     assert await r.hlen(f"{ns}:allow") == 0
     assert (await r.xrevrange(f"{ns}:log", count=1))[0][1]["op"] == "disallow"
 
 
 @pytest.mark.anyio
-async def test_unban_of_missing_target_writes_nothing(r: AsyncRedis, namespace: str) -> None:
-    assert await fcall(r, "banbus_unban", namespace, "203.0.113.7") == [0, "", "203.0.113.7", 0]
-    assert await fcall(r, "banbus_disallow", namespace, "::ffff:203.0.113.7") == [
-        0,
-        "",
-        "203.0.113.7",
-        0,
-    ]
-    assert await r.keys(f"{{{namespace}}}*") == []
-    await fcall(r, "banbus_ban", namespace, "203.0.113.8", "60")
-    before = await snapshot(r, namespace)
-    assert (await fcall(r, "banbus_unban", namespace, "203.0.113.7", "EID", "x1"))[0] == 0
-    assert await snapshot(r, namespace) == before
+async def test_unban_of_missing_target_is_remembered(r: AsyncRedis, namespace: str) -> None:
+    """A removal of what is not recorded changes nothing but leaves a tombstone and an event."""
+    ns = f"{{{namespace}}}"
+    seq, _, target, _, status, _ = await fcall(r, "banbus_unban", namespace, "203.0.113.7")
+    assert (seq, target, status) == (1, "203.0.113.7", "absent")
+    reply = await fcall(r, "banbus_disallow", namespace, "::ffff:203.0.113.7")
+    assert (reply[2], reply[4]) == ("203.0.113.7", "absent")
+    assert await r.zrange(f"{ns}:removed", 0, -1) == ["a 203.0.113.7", "b 203.0.113.7"]
+    assert await r.hlen(f"{ns}:bans") == 0
+    assert [f["op"] for _, f in await r.xrange(f"{ns}:log")] == ["unban", "disallow"]
 
 
 @pytest.mark.anyio
-async def test_eid_is_idempotent(r: AsyncRedis, namespace: str) -> None:
+async def test_tombstones_are_capped(r: AsyncRedis, namespace: str) -> None:
+    """Tombstones never outgrow TOMBSTONE_LIMIT, whatever the removal rate."""
+    from banbus._keys import TOMBSTONE_LIMIT
+
     ns = f"{{{namespace}}}"
+    # Fill to the cap by hand (fast), then remove through the library.
+    filler = {f"b 10.{i >> 16}.{(i >> 8) & 255}.{i & 255}": i for i in range(TOMBSTONE_LIMIT)}
+    await r.zadd(f"{ns}:removed", filler)
+    for i in range(5):
+        await fcall(r, "banbus_unban", namespace, f"192.0.2.{i}")
+    assert await r.zcard(f"{ns}:removed") == TOMBSTONE_LIMIT
+    assert await r.zscore(f"{ns}:removed", "b 192.0.2.4") is not None
+    assert await r.zscore(f"{ns}:removed", "b 10.0.0.0") is None  # the oldest went
+
+
+@pytest.mark.anyio
+async def test_retry_finds_the_first_attempt_in_the_stream(r: AsyncRedis, namespace: str) -> None:
+    """RETRY: a call whose answer was lost is written once; no per-write key is kept."""
+    ns = f"{{{namespace}}}"
+    since = await server_ms(r) - 5000
     first = await fcall(r, "banbus_ban", namespace, "203.0.113.7", "600", "x", "EID", "node-a:42")
-    again = await fcall(r, "banbus_ban", namespace, "203.0.113.7", "900", "y", "EID", "node-a:42")
-    assert again == first
+    again = await fcall(
+        r, "banbus_ban", namespace, "203.0.113.7", "900", "y", "EID", "node-a:42", "RETRY", since
+    )
+    assert again[:4] == first[:4] and again[4] == "duplicate"
     assert await r.xlen(f"{ns}:log") == 1
     assert json.loads(await r.hget(f"{ns}:bans", "203.0.113.7"))[1] == "x"
-    entry = (await r.xrange(f"{ns}:log"))[0][1]
-    assert entry["eid"] == "node-a:42"
-    assert 0 < await r.pttl(f"{ns}:eid:node-a:42") <= 3_600_000
-    # Same for removal.
+    assert await r.keys(f"{ns}:eid*") == []
+    # Same for removal: a retried unban does not remove a newer ban.
     gone = await fcall(r, "banbus_unban", namespace, "203.0.113.7", "EID", "node-a:43")
     assert gone[0] == 2
     await fcall(r, "banbus_ban", namespace, "203.0.113.7", "600")
-    # A retried unban does not remove the newer ban.
-    assert await fcall(r, "banbus_unban", namespace, "203.0.113.7", "eid", "node-a:43") == gone
+    retried = await fcall(
+        r, "banbus_unban", namespace, "203.0.113.7", "eid", "node-a:43", "retry", since
+    )
+    assert retried[:4] == gone[:4] and retried[4] == "duplicate"
     assert await r.hexists(f"{ns}:bans", "203.0.113.7")
     assert await r.xlen(f"{ns}:log") == 3
+    # A retry of a call that never ran is written normally.
+    fresh = await fcall(
+        r, "banbus_ban", namespace, "203.0.113.8", "60", "", "EID", "node-a:44", "RETRY", since
+    )
+    assert (fresh[0], fresh[4]) == (4, "written")
+    # Without EID, RETRY has nothing to look for.
+    with pytest.raises(InvalidInput, match="RETRY needs EID"):
+        await fcall(r, "banbus_ban", namespace, "203.0.113.9", "60", "", "RETRY", since)
+
+
+@pytest.mark.anyio
+async def test_retry_after_the_stream_was_trimmed_is_unverified(
+    r: AsyncRedis, namespace: str
+) -> None:
+    ns = f"{{{namespace}}}"
+    since = await server_ms(r) - 5000
+    await fcall(r, "banbus_ban", namespace, "203.0.113.7", "600", "", "EID", "lost-1")
+    await r.xtrim(f"{ns}:log", maxlen=0, approximate=False)
+    reply = await fcall(
+        r, "banbus_ban", namespace, "203.0.113.7", "600", "", "EID", "lost-1", "RETRY", since
+    )
+    assert (reply[0], reply[4]) == (2, "unverified")
+
+
+@pytest.mark.anyio
+async def test_reseed_writes_only_into_a_gap(r: AsyncRedis, namespace: str) -> None:
+    ns = f"{{{namespace}}}"
+    since = await server_ms(r)
+    await fcall(r, "banbus_ban", namespace, "192.0.2.1", "0", "live")
+    present = await fcall(r, "banbus_ban", namespace, "192.0.2.1", "60", "old", "RESEED", since)
+    assert (present[0], present[4]) == (0, "present")
+    await fcall(r, "banbus_unban", namespace, "192.0.2.2")  # removed after `since`
+    lifted = await fcall(r, "banbus_ban", namespace, "192.0.2.2", "60", "old", "RESEED", since)
+    assert (lifted[0], lifted[4]) == (0, "lifted")
+    # A removal before `since` was seen by whoever re-seeds: it does not count.
+    later = await server_ms(r) + 1
+    written = await fcall(r, "banbus_ban", namespace, "192.0.2.2", "60", "old", "RESEED", later)
+    assert written[4] == "written"
+    # A clear is a removal of everything.
+    await fcall(r, "banbus_clear", namespace)
+    after_clear = await fcall(r, "banbus_ban", namespace, "192.0.2.3", "0", "", "RESEED", since)
+    assert after_clear[4] == "lifted"
+    assert await r.hlen(f"{ns}:bans") == 0
 
 
 @pytest.mark.anyio
@@ -590,13 +661,17 @@ async def test_state_is_the_bootstrap_watermark(r: AsyncRedis, namespace: str) -
     assert (last_id, seq, epoch, version) == ("0-0", 0, "", LIBRARY_VERSION)
     assert abs(now - await server_ms(r)) < 5000
     await fcall(r, "banbus_ban", namespace, "192.0.2.1", "60")
-    _, stream_id, _, _ = await fcall(r, "banbus_ban", namespace, "192.0.2.2", "60")
+    _, stream_id, *_ = await fcall(r, "banbus_ban", namespace, "192.0.2.2", "60")
     last_id, seq, epoch, _, _ = await r.fcall_ro("banbus_state", 1, namespace)
     assert (last_id, seq) == (stream_id, 2)
     assert epoch == await r.get(f"{{{namespace}}}:epoch")
-    # The stream trimmed/deleted away entirely: seq falls back to the counter.
+    # The watermark is what the library wrote, not whatever is newest: a
+    # hand-written entry (even with a plausible seq) does not move it.
+    await r.xadd(f"{{{namespace}}}:log", {"op": "ban", "target": "1.2.3.4", "seq": "99"})
+    assert (await r.fcall_ro("banbus_state", 1, namespace))[:3] == [stream_id, 2, epoch]
+    # The stream deleted away entirely: the head still says where the record is.
     await r.delete(f"{{{namespace}}}:log")
-    assert (await r.fcall_ro("banbus_state", 1, namespace))[:3] == ["0-0", 2, epoch]
+    assert (await r.fcall_ro("banbus_state", 1, namespace))[:3] == [stream_id, 2, epoch]
 
 
 @pytest.mark.anyio
@@ -754,12 +829,15 @@ async def test_ensure_library_loads_once(fresh: AsyncRedis) -> None:
         "banbus_allow",
         "banbus_unban",
         "banbus_disallow",
+        "banbus_clear",
+        "banbus_repair",
         "banbus_state",
+        "banbus_digest",
         "banbus_check",
         "banbus_version",
     }
     read_only = {f["name"] for f in listing[0]["functions"] if "no-writes" in f["flags"]}
-    assert read_only == {"banbus_state", "banbus_check", "banbus_version"}
+    assert read_only == {"banbus_state", "banbus_digest", "banbus_check", "banbus_version"}
     # A second call finds it and loads nothing: a marker library stays put.
     await fresh.function_load(code_with_version(LIBRARY_VERSION), replace=True)
     marker = code_with_version(LIBRARY_VERSION) + "\n-- marker\n"
@@ -850,7 +928,7 @@ async def test_library_runs_on_fakeredis() -> None:
     try:
         await ensure_library(client)
         ns = "fake"
-        seq, _, target, expires = await fcall(
+        seq, _, target, expires, *_ = await fcall(
             client, "banbus_ban", ns, "::FFFF:203.0.113.7", "3600", 'a "quoted" reason'
         )
         assert (seq, target) == (1, "203.0.113.7")
@@ -862,16 +940,17 @@ async def test_library_runs_on_fakeredis() -> None:
         ]
         assert (await fcall(client, "banbus_ban", ns, target, "60"))[3] == expires
         assert (await fcall(client, "banbus_ban", ns, target, "0", "", "EID", "e1"))[3] == 0
-        assert (await fcall(client, "banbus_ban", ns, target, "0", "", "EID", "e1"))[0] == 3
+        retried = await fcall(client, "banbus_ban", ns, target, "0", "", "EID", "e1", "RETRY", 0)
+        assert (retried[0], retried[4]) == (3, "duplicate")
         assert (await fcall(client, "banbus_unban", ns, target))[0] == 4
-        assert (await fcall(client, "banbus_unban", ns, target))[0] == 0
+        assert (await fcall(client, "banbus_unban", ns, target))[4] == "absent"
         state = await client.fcall_ro("banbus_state", 1, ns)
-        assert state[1] == 4 and state[4] == LIBRARY_VERSION
+        assert state[1] == 5 and state[4] == LIBRARY_VERSION
         with pytest.raises(UnsafeBan):
             await fcall(client, "banbus_ban", ns, "::/0", "60")
         with pytest.raises(InvalidTTL):
             await fcall(client, "banbus_ban", ns, target, "1.5")
-        assert await client.xlen("{fake}:log") == 4
+        assert await client.xlen("{fake}:log") == 5
         sync = fakeredis.FakeRedis(server=fakeredis.FakeServer(version=(7,)))
         sync.function_load(LIBRARY_CODE)
         for text, expected in TRICKY_TARGETS:

@@ -223,8 +223,8 @@ def test_check_reason() -> None:
 @pytest.mark.parametrize(
     ("reason", "words"),
     [
-        ("r" * (MAX_REASON_BYTES + 1), "longer than 512 bytes"),
-        ("é" * (MAX_REASON_BYTES // 2 + 1), "longer than 512 bytes"),
+        ("r" * (MAX_REASON_BYTES + 1), "bytes long; the limit is 512"),
+        ("é" * (MAX_REASON_BYTES // 2 + 1), "bytes long; the limit is 512"),
         ("line\nbreak", "control characters"),
         ("tab\there", "control characters"),
         ("nul\x00", "control characters"),

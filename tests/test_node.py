@@ -91,7 +91,7 @@ def keys(namespace: str) -> dict[str, str]:
 
 
 async def xlen(admin: aioredis.Redis, namespace: str) -> int:
-    return int(await admin.xlen(keys(namespace)["log"]))
+    return int(await admin.xlen(keys(namespace).log))
 
 
 async def server_seq(admin: aioredis.Redis, namespace: str) -> int:
@@ -101,7 +101,7 @@ async def server_seq(admin: aioredis.Redis, namespace: str) -> int:
 
 
 async def server_bans(admin: aioredis.Redis, namespace: str) -> set[str]:
-    return set(await admin.hkeys(keys(namespace)["bans"]))
+    return set(await admin.hkeys(keys(namespace).bans))
 
 
 async def reader_client(admin: aioredis.Redis, node: Node) -> dict[str, Any] | None:
@@ -166,14 +166,23 @@ async def test_ban_unban_allow_disallow_propagate(
         assert b.statistics().own_events_confirmed >= 2
 
 
-async def test_unban_of_unknown_target_is_a_no_op(
+async def test_unban_of_unknown_target_is_remembered(
     redis_url: str, namespace: str, admin: aioredis.Redis
 ) -> None:
+    """Removing what is not there answers False, yet leaves an event and a tombstone.
+
+    The tombstone is what makes an operator's unban right after a data loss
+    win over the re-seed (issue 7, item 7); the event makes any node that
+    still held the target drop it.
+    """
     async with nodes(redis_url, namespace, 1) as (a,):
         before = await xlen(admin, namespace)
         assert await a.unban("192.0.2.77") is False
         assert await a.disallow("192.0.2.0/24") is False
-        assert await xlen(admin, namespace) == before
+        assert await xlen(admin, namespace) == before + 2
+        tombstones = await admin.zrange(keys(namespace).removed, 0, -1)
+        assert set(tombstones) == {"b 192.0.2.77", "a 192.0.2.0/24"}
+        assert await server_bans(admin, namespace) == set()
 
 
 async def test_allowlist_wins_across_nodes(redis_url: str, namespace: str) -> None:
@@ -517,7 +526,7 @@ async def test_redis_cli_fcall_reaches_every_node(
 async def test_malformed_stream_entries_are_skipped(
     redis_url: str, namespace: str, admin: aioredis.Redis
 ) -> None:
-    log = keys(namespace)["log"]
+    log = keys(namespace).log
     async with nodes(redis_url, namespace, 2) as (a, b):
         first = await a.ban("192.0.2.1")
         await synced(first.seq, a, b)
@@ -633,8 +642,8 @@ async def test_unsafe_input_refused_by_fcall(
             with pytest.raises(redis_errors.ResponseError, match=r"^BANBUS_(INVALID|UNSAFE) "):
                 await admin.fcall(function, 1, namespace, *args)  # type: ignore[misc]
         assert await xlen(admin, namespace) == before
-        assert await admin.hlen(keys(namespace)["bans"]) == 0
-        assert await admin.hlen(keys(namespace)["allow"]) == 0
+        assert await admin.hlen(keys(namespace).bans) == 0
+        assert await admin.hlen(keys(namespace).allow) == 0
         assert list(a.bans()) == []
 
 
@@ -682,7 +691,7 @@ async def test_resync_after_the_stream_was_trimmed_past_a_node(
     redis_url: str, namespace: str, admin: aioredis.Redis
 ) -> None:
     """A node that could not read (process stopped) while the log was trimmed resyncs."""
-    log = keys(namespace)["log"]
+    log = keys(namespace).log
     async with AsyncExitStack() as stack:
         a = await stack.enter_async_context(Node(redis_url, namespace=namespace, node_id="a"))
         child = await stack.enter_async_context(child_node(redis_url, namespace, "stopped"))
@@ -718,7 +727,7 @@ async def test_resync_after_the_namespace_was_wiped(
         old_seq = record.seq + 1
         # Wipe everything the namespace owns (as FLUSHALL or a new server would).
         found = [k async for k in admin.scan_iter(match="{" + namespace + "}*")]
-        assert keys(namespace)["epoch"] in found
+        assert keys(namespace).epoch in found
         await admin.delete(*found)
         # The idle check notices the reset without any new event.
         await eventually(
@@ -739,32 +748,34 @@ async def test_resync_after_the_namespace_was_wiped(
 
 
 async def test_connection_lost_during_a_resync(
-    redis_url: str, namespace: str, admin: aioredis.Redis
+    redis_url: str, namespace: str, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A resync that fails half-way reconnects and resyncs again; the node lives on."""
-    async with nodes(redis_url, namespace, 2, block_ms=100, backoff=(0.01, 0.05), reseed=False) as (
-        a,
+    import banbus._reader as reader_module
+
+    async with nodes(redis_url, namespace, 1, block_ms=100, backoff=(0.01, 0.05), reseed=False) as (
         b,
     ):
-        record = await a.ban("192.0.2.1")
-        await synced(record.seq, a, b)
-        real_sync = b._sync
-        attempts: list[bool] = []
+        record = await b.ban("192.0.2.1")
+        await synced(record.seq, b)
+        real_take = reader_module.take
+        attempts: list[int] = []
 
-        async def flaky_sync(conn: Any, *, first: bool) -> None:
-            attempts.append(first)
+        async def flaky_take(*args: Any, **kwargs: Any) -> Any:
+            attempts.append(1)
             if len(attempts) == 1:
                 raise ConnectionError("injected: connection lost during the resync")
-            await real_sync(conn, first=first)
+            return await real_take(*args, **kwargs)
 
-        b._sync = flaky_sync  # type: ignore[method-assign]
+        monkeypatch.setattr(reader_module, "take", flaky_take)
         found = [k async for k in admin.scan_iter(match="{" + namespace + "}*")]
         await admin.delete(*found)
         await eventually(lambda: b.statistics().resyncs >= 1, 5.0, "resync after the wipe")
-        assert attempts[:2] == [False, False]
+        assert len(attempts) >= 2
         assert b.statistics().reconnects >= 1
-        assert not b.is_banned("192.0.2.1")
-        again = await a.ban("192.0.2.2")
+        assert b.statistics().losses >= 1  # the wipe was seen as a loss...
+        assert not b.is_banned("192.0.2.1")  # ...and not re-seeded (reseed=False)
+        again = await b.ban("192.0.2.2")
         await synced(again.seq, b)
         assert b.is_banned("192.0.2.2")
         assert {r.target for r in b.bans()} == {"192.0.2.2"}
@@ -1214,7 +1225,7 @@ async def test_acknowledged_own_write_is_not_reapplied_after_resync(
             await client.aclose()
         await eventually(lambda: a.statistics().resyncs > resyncs, 10.0, "a resyncs")
         assert not a.is_banned("10.0.0.7")
-        assert not a._pending
+        assert a.statistics().writes_pending == 0
 
 
 async def test_nodes_reseed_a_namespace_that_came_back_empty(
@@ -1264,7 +1275,11 @@ async def test_clear_on_purpose_is_not_reseeded(
             "clear reaches the nodes",
         )
         assert await server_bans(admin, namespace) == set()
-        assert await admin.xlen(f"{{{namespace}}}:log") == 0
+        # The log keeps its history, and says what happened last.
+        (_, last), *_ = await admin.xrevrange(f"{{{namespace}}}:log", count=1)
+        assert last["op"] == "clear" and last["origin"] == "cli"
+        assert a.statistics().losses == 0 and b.statistics().losses == 0
+        assert a.statistics().resyncs == 0 and b.statistics().resyncs == 0
 
 
 def _bans_of(node: Node) -> list[str]:
@@ -1287,20 +1302,32 @@ async def test_compact_node_bootstraps_and_follows(redis_url: str, namespace: st
 
 
 async def test_redis_py_reader_fallback(
-    redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch, admin: aioredis.Redis
 ) -> None:
-    """Pools banbus cannot dial itself (Sentinel, credential providers) read via redis-py."""
+    """Pools banbus cannot dial itself (Sentinel, credential providers) read via redis-py.
+
+    The client speaks RESP3 (redis-py 8's default; ``XREAD`` then answers a
+    dict): the fallback reader still reads normally, with no resync and no
+    reconnect (issue 7, item 13).
+    """
     import banbus._node as node_module
 
     monkeypatch.setattr(node_module, "address_of", lambda client: None)
-    async with nodes(redis_url, namespace, 2, block_ms=200) as (a, b):
-        assert isinstance(b._conn, node_module._PyReaderConn)
+    url = redis_url + "?protocol=3"
+    async with nodes(url, namespace, 2, block_ms=200, check_interval=0.1) as (a, b):
+        reader = await reader_client(admin, b)
+        assert reader is not None and reader["resp"] == "2"
         record = await a.ban("203.0.113.7", reason="fallback")
         await synced(record.seq, b)
         assert b.is_banned("203.0.113.7")
         await a.unban("203.0.113.7")
         await eventually(lambda: not b.is_banned("203.0.113.7"), 5.0, "unban via fallback")
-        assert b.statistics().connected
+        # Idle reads time out, and digests are compared: let a few go by.
+        await eventually(lambda: b.statistics().digest_checks >= 3, 10.0, "digest checks")
+        stats = b.statistics()
+        assert stats.connected
+        assert (stats.resyncs, stats.reconnects) == (0, 0)
+        assert stats.events_applied == 2
 
 
 @pytest.mark.real_redis
@@ -1326,6 +1353,6 @@ async def test_outbox_keeps_replace(
                 10.0,
                 "the shortened expiry reaches b",
             )
-            assert not a._replacing
+            assert a.statistics().writes_pending == 0
     finally:
         await admin.aclose()

@@ -1,0 +1,352 @@
+"""Re-seeding after data loss, and anti-entropy: the two ways a node repairs the record or itself.
+
+Re-seeding
+----------
+
+When the follower finds evidence that the *record* lost data (a new epoch:
+Redis restarted empty, FLUSHALL; the head went back; the node's last entry
+vanished: a failover lost writes), the node reloads the record as usual —
+and what it held that the record no longer has becomes a *candidate*.
+Candidates stay enforced while the :class:`Reseeder` restores them with
+conditional writes (``RESEED <ms>``): the library writes one only when the
+target is still absent **and** was not removed at or after *ms* — the server
+time of the last event the node had seen before the loss.  So:
+
+* only what is missing is written (a forged epoch, a record that is in fact
+  intact, costs reads, not writes);
+* a removal made since the loss wins: the library keeps tombstones
+  (``{ns}:removed``, capped), and every removal writes one — also the
+  removal of a target the record does not have, which is exactly the unban
+  an operator makes right after a loss;
+* nodes take turns (a ``SET NX`` lock): a node waits while another
+  re-seeds, and drops the candidates the other one's events restore.
+
+A candidate ends when the stream brings an event on its target (the record's
+word), or when its conditional write is answered.  Re-seeding restores
+entries that are missing, not older versions of entries that are present
+(a lost extension of a ban stays lost), and not lost removals.
+
+Anti-entropy
+------------
+
+Sequence numbers reveal lost and forged events; they cannot reveal a view
+that differs from the record for another reason (a bug, a record edited by
+hand).  Every *interval* (and at once after a suspicious duplicate seq), the
+:class:`AntiEntropy` compares the node's digest of its view with the digest
+the library keeps of the record (:mod:`banbus._digest`).  The comparison is
+aligned: a non-blocking ``XREAD`` and ``FCALL_RO banbus_digest`` go out in one
+write, Redis runs them back to back, and the node compares only when its
+position equals the seq the digest was taken at.  Pending own writes are
+compared by their base (what the record says under them).
+
+A mismatch is first judged like any anomaly (a forged entry, a gap).  If the
+stream is sound, the view has drifted: the node reloads.  The first
+comparison after a reload *calibrates*: a difference there means the record
+differs from its own digest (edited by hand), which is reported once with
+the repair command (``banbus repair``) and taken as the baseline, so the
+node does not reload in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import anyio
+import anyio.lowlevel
+import redis.exceptions as redis_errors
+
+from ._digest import Digest, entry_hash
+from ._exceptions import BanbusError, RedisUnavailable
+from ._model import Allow, Ban, Entry
+from ._publisher import Reply, Write
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from ._cache import BanCache, Kind
+    from ._clock import ServerClock
+    from ._follower import Follower
+    from ._keys import Keys
+    from ._publisher import Publisher
+    from ._resp import ReaderConnection
+    from ._snapshot import Snapshot
+
+__all__ = ["AntiEntropy", "Reseeder"]
+
+log = logging.getLogger("banbus")
+
+#: Conditional writes per pipeline.
+_BATCH: Final = 500
+#: The re-seed lock lives this long unless refreshed (ms).
+_LOCK_MS: Final = 10_000
+
+
+class Reseeder:
+    """Restore what the record lost from what this node held (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        *,
+        cache: BanCache,
+        publisher: Publisher,
+        clock: ServerClock,
+        node_id: str,
+        enabled: bool,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._cache = cache
+        self._publisher = publisher
+        self._clock = clock
+        self._node_id = node_id
+        self.enabled = enabled
+        #: Candidates: target -> the entry held before the loss, one map per kind.
+        self.held_b: dict[str, Entry] = {}
+        self.held_a: dict[str, Entry] = {}
+        self._since = 0
+        self._wakeup = anyio.Event()
+        self.stats = dict.fromkeys(("candidates", "written", "present", "lifted", "expired"), 0)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.held_b or self.held_a)
+
+    def collect(self, snapshot: Snapshot) -> list[tuple[Kind, str, Entry]]:
+        """What the view holds that *snapshot* lacks (call before installing it).
+
+        Targets with own writes still unanswered are left to the publisher.
+        """
+        if not self.enabled:
+            return []
+        now = self._clock.now()
+        out: list[tuple[Kind, str, Entry]] = []
+        kinds: tuple[tuple[Kind, set[str], dict[str, Any]], ...] = (
+            ("ban", {t for t, _ in snapshot.bans}, self._publisher.slots_b),
+            ("allow", {t for t, _ in snapshot.allows}, self._publisher.slots_a),
+        )
+        for kind, present, slots in kinds:
+            for record in self._cache.records(kind):
+                target = record.target
+                if target in present or (record.expires and record.expires <= now):
+                    continue
+                slot = slots.get(target)
+                if slot is not None and any(w.state != "answered" for w in slot.writes):
+                    continue
+                entry = Entry(record.expires, record.reason, record.origin, record.seq)
+                out.append((kind, target, entry))
+        return out
+
+    def hold(self, candidates: list[tuple[Kind, str, Entry]], since: int) -> None:
+        """Keep *candidates* enforced over the new snapshot and start restoring them."""
+        if not candidates:
+            return
+        self._since = since
+        for kind, target, entry in candidates:
+            (self.held_b if kind == "ban" else self.held_a)[target] = entry
+            self._cache.put(kind, target, entry)
+        self.stats["candidates"] += len(candidates)
+        log.warning("banbus: %d entries held here are missing from %r; restoring them "
+                    "(unless removed since)", len(candidates), self._keys.namespace)  # fmt: skip
+        self._wakeup.set()
+
+    def drop_all(self) -> None:
+        """The namespace was cleared on purpose (the view was emptied): restore nothing."""
+        self.held_b.clear()
+        self.held_a.clear()
+
+    async def run(self) -> None:
+        """Restore candidates whenever there are some; one node at a time (a lock)."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+            delay = 0.05
+            while self.busy:
+                try:
+                    if await self._lock():
+                        await self._restore()
+                        await self._unlock()
+                        continue
+                except (RedisUnavailable, redis_errors.RedisError, OSError) as exc:
+                    log.warning("banbus: re-seeding %r paused: %s", self._keys.namespace, exc)
+                # Another node re-seeds (its events resolve our candidates) or
+                # Redis is away: wait and look again.
+                await anyio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 1.0)
+
+    async def _lock(self) -> bool:
+        won = await self._client.set(self._keys.reseed, self._node_id, nx=True, px=_LOCK_MS)
+        return bool(won)
+
+    async def _unlock(self) -> None:
+        owner = await self._client.get(self._keys.reseed)
+        if owner is not None and (owner.decode() if isinstance(owner, bytes) else owner) == (
+            self._node_id
+        ):
+            await self._client.delete(self._keys.reseed)
+
+    async def _restore(self) -> None:
+        publisher = self._publisher
+        while self.busy:
+            batch: list[Write] = []
+            for kind, held in (("ban", self.held_b), ("allow", self.held_a)):
+                for target, entry in list(held.items())[: _BATCH - len(batch)]:
+                    cls = Ban if kind == "ban" else Allow
+                    event = cls(target=target, expires=entry.expires, reason=entry.reason,
+                                origin=entry.origin or self._node_id,
+                                eid=publisher.new_eid("r"))  # fmt: skip
+                    batch.append(Write(event, force=True, reseed=self._since))
+            replies = await publisher.call_writes(batch)
+            for write, reply in zip(batch, replies, strict=True):
+                self._settle(write, reply)
+            await self._client.pexpire(self._keys.reseed, _LOCK_MS)
+        log.info("banbus: re-seeding %r done: %s", self._keys.namespace, self.stats)
+
+    def _settle(self, write: Write, reply: Reply | BanbusError) -> None:
+        held = self.held_b if write.kind == "ban" else self.held_a
+        target = write.event.target
+        if isinstance(reply, BaseException):
+            log.error("banbus: re-seeding %s refused: %s", target, reply)
+            status = "lifted"
+        else:
+            status = reply.status
+        if held.pop(target, None) is None:
+            return  # the stream already spoke for it
+        if status == "written":
+            self.stats["written"] += 1  # its event follows on the stream
+        elif status == "present":
+            self.stats["present"] += 1  # somebody wrote it since: its event follows
+        else:
+            # Removed since the loss, refused, or expired meanwhile: the
+            # record does not have it, so neither does this node.
+            self.stats["lifted" if status != "expired" else "expired"] += 1
+            self._cache.set_entry(write.kind, target, None)
+
+
+class AntiEntropy:
+    """Compare the view's digest with the record's (see the module docstring)."""
+
+    def __init__(
+        self,
+        keys: Keys,
+        *,
+        cache: BanCache,
+        publisher: Publisher,
+        reseeder: Reseeder,
+        follower: Follower,
+        clock: ServerClock,
+        interval: float,
+        enabled: bool,
+    ) -> None:
+        self._keys = keys
+        self._cache = cache
+        self._publisher = publisher
+        self._reseeder = reseeder
+        self._follower = follower
+        self._clock = clock
+        self._interval_ms = int(interval * 1000)
+        self.enabled = enabled
+        self._next = 0
+        #: The record's digest minus the view's, as calibrated after a reload.
+        self._offset: Digest | None = None
+        #: The last difference seen (for the calibration after a clean verify).
+        self.difference: Digest | None = None
+        self.stats = dict.fromkeys(("checks", "mismatches", "record_mismatch"), 0)
+
+    def reloaded(self) -> None:
+        """A snapshot was installed: the next comparison calibrates."""
+        self._offset = None
+        self._next = self._clock.local() + self._interval_ms
+
+    def due(self) -> bool:
+        if not self.enabled or not self._cache.digest_known or self._reseeder.busy:
+            return False
+        return self._follower.suspect or self._clock.local() >= self._next
+
+    async def check(
+        self, conn: ReaderConnection
+    ) -> Literal["ok", "mismatch", "skipped", "anomaly"]:
+        """One aligned comparison; the caller judges a mismatch (see :meth:`accept`)."""
+        self._next = self._clock.local() + self._interval_ms
+        self._follower.suspect = False
+        cache = self._cache
+        while cache.pending_changes > 20_000:
+            cache.fold_some(20_000)  # keep the fold inside the callback short
+            await anyio.lowlevel.checkpoint()
+        cutoff = (self._clock.now() // 1000 + 2) * 1000
+        follower = self._follower
+        outcome: list[Any] = ["skipped"]
+
+        def on_read(reply: Any) -> None:
+            entries = reply[0][1] if reply else []
+            if entries and not follower.apply(entries):
+                outcome[0] = "anomaly"
+            elif len(entries) >= follower_batch:
+                outcome[0] = "behind"
+
+        def on_digest(reply: Any) -> None:
+            if outcome[0] != "skipped":
+                return
+            seq, _, status, d1, d2, n = reply
+            if status != "ok" or int(seq) != follower.seq:
+                return  # writes landed in between, or the library is busy: later
+            mine = self.view_digest(cutoff)
+            if mine is None:
+                return
+            self.stats["checks"] += 1
+            difference = Digest(int(d1), int(d2), int(n)).minus(mine)
+            if self._offset is not None and difference == self._offset:
+                outcome[0] = "ok"
+            elif self._offset is None and difference == Digest():
+                self._offset = difference
+                outcome[0] = "ok"
+            else:
+                self.difference = difference
+                outcome[0] = "mismatch"
+
+        follower_batch = follower.batch
+        namespace = self._keys.namespace
+        with anyio.fail_after(10.0):
+            read = conn.call("XREAD", "COUNT", follower_batch, "STREAMS", self._keys.log,
+                             follower.cursor, sink=on_read)  # fmt: skip
+            digest = conn.call("FCALL_RO", "banbus_digest", 1, namespace, cutoff, sink=on_digest)
+            await read
+            await digest
+        result = outcome[0]
+        if result == "behind":
+            return "skipped"
+        if result == "mismatch":
+            self.stats["mismatches"] += 1
+        return result  # type: ignore[no-any-return]
+
+    def accept(self) -> bool:
+        """The stream is sound but the digests differ: calibrate if this is the first look.
+
+        Returns True when the difference was taken as the baseline (the record
+        differs from its own digest), False when the view must be reloaded.
+        """
+        if self._offset is not None or self.difference is None:
+            return False
+        self._offset = self.difference
+        self.stats["record_mismatch"] += 1
+        log.error("banbus: the record of %r differs from its digest (was it edited by hand, "
+                  "outside the banbus functions?); run 'banbus repair' (FCALL banbus_repair "
+                  "1 %s) to recompute it", self._keys.namespace,
+                  self._keys.namespace)  # fmt: skip
+        return True
+
+    def view_digest(self, cutoff: int) -> Digest | None:
+        """The digest of what the record holds, as this view knows it."""
+        digest = self._cache.digest(cutoff)
+        if digest is None:
+            return None
+        for kind, target, base in self._publisher.bases():
+            view = self._cache.entry(kind, target)
+            if view is not None and (view.expires == 0 or view.expires > cutoff):
+                digest = digest.sub(entry_hash(kind, target, view.expires))
+            if base is not None and (base.expires == 0 or base.expires > cutoff):
+                digest = digest.add(entry_hash(kind, target, base.expires))
+        return digest

@@ -1,0 +1,135 @@
+"""Snapshots: load the whole record, exactly, while writes go on.
+
+Theory of operation
+-------------------
+
+A snapshot is taken in four steps; bootstrap and every resync are the same:
+
+1. **Watermark.**  ``banbus_state`` returns the library's head — the id and
+   seq of the last event it wrote — and the epoch, atomically.
+2. **Scan.**  ``HSCAN`` pages through ``{ns}:bans`` and ``{ns}:allow``
+   (pipelined: Redis pages the next batch while this one is decoded).  The
+   scan may see writes made after the watermark, in any mix.
+3. **Install.**  The entries replace the view in one step (``is_banned``
+   never sees a half-loaded state); the follower moves to the watermark and
+   the publisher re-bases its pending writes (see ``_publisher``).
+4. **Catch-up.**  The follower replays the stream from the watermark up to
+   the head as it is *after* the scan.  Every event carries the resulting
+   state of its target (e.g. the merged expiry), so replaying events the scan
+   already saw changes nothing, and the result is exactly the record as of
+   that head.  Catch-up stops there — not when the stream is quiet, which
+   under sustained writes may be never; the steady-state reader goes on.
+
+Malformed record values and non-canonical targets (hand-written ``HSET``)
+are logged, counted and skipped; they never fail a snapshot.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+import anyio
+import msgspec
+
+from ._follower import valid_target
+from ._model import Entry, entries_decoder, entry_decoder
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ._clock import ServerClock
+    from ._keys import Keys
+    from ._resp import ReaderConnection
+
+__all__ = ["Snapshot", "take"]
+
+_AF_INET: Final = socket.AF_INET
+_pton: Final = socket.inet_pton
+_ntop: Final = socket.inet_ntop
+
+
+class Snapshot(NamedTuple):
+    """The record as read, and the watermark it is exact from."""
+
+    head_id: str
+    seq: int
+    epoch: str
+    bans: list[tuple[str, Entry]]
+    allows: list[tuple[str, Entry]]
+
+
+async def take(
+    conn: ReaderConnection,
+    keys: Keys,
+    *,
+    clock: ServerClock,
+    scan_count: int,
+    skip: Callable[[str, str], None],
+    timeout: float = 120.0,
+) -> Snapshot:
+    """Steps 1 and 2: the watermark, then the whole record.
+
+    :param skip: called ``(what, why)`` for each malformed entry skipped.
+    :raises TimeoutError: a round trip took longer than *timeout* seconds (a
+        silent server must not hang the reader).
+    """
+    sent = clock.local()
+    with anyio.fail_after(timeout):
+        state = await conn.call("FCALL_RO", "banbus_state", 1, keys.namespace)
+    clock.observe(int(state[3]), sent, clock.local())
+    bans = await _scan(conn, keys.bans, scan_count, skip, timeout)
+    allows = await _scan(conn, keys.allow, scan_count, skip, timeout)
+    return Snapshot(str(state[0]), int(state[1]), str(state[2] or ""), bans, allows)
+
+
+async def _scan(
+    conn: ReaderConnection,
+    key: str,
+    count: int,
+    skip: Callable[[str, str], None],
+    timeout: float,
+) -> list[tuple[str, Entry]]:
+    out: list[tuple[str, Entry]] = []
+    ntop, pton, af = _ntop, _pton, _AF_INET
+    future = conn.call("HSCAN", key, "0", "COUNT", count)
+    while True:
+        with anyio.fail_after(timeout):
+            cursor, flat = await future
+        if cursor != "0":
+            # Pipelined: Redis pages the next batch while we decode this one.
+            future = conn.call("HSCAN", key, cursor, "COUNT", count)
+        targets = flat[0::2]
+        values = flat[1::2]
+        entries: list[Any]
+        try:
+            entries = entries_decoder.decode("[" + ",".join(values) + "]")
+            if len(entries) != len(values):  # a value with a top-level comma
+                raise msgspec.DecodeError("value count mismatch")
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            entries = [_decode_one(key, t, v, skip) for t, v in zip(targets, values, strict=True)]
+        append = out.append
+        for target, entry in zip(targets, entries, strict=True):
+            if entry is None:
+                continue
+            try:
+                # The common case: a canonical IPv4 address, checked without parsing.
+                if ntop(af, pton(af, target)) == target:
+                    append((target, entry))
+                    continue
+            except OSError:
+                pass
+            if valid_target(target):
+                append((target, entry))
+            else:
+                skip(f"record {key}[{target!r}]", "not a canonical target")
+        if cursor == "0":
+            return out
+
+
+def _decode_one(key: str, target: str, value: str, skip: Callable[[str, str], None]) -> Any:
+    try:
+        return entry_decoder.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        skip(f"record {key}[{target!r}]", str(exc))
+        return None
