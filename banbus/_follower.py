@@ -451,7 +451,7 @@ class Follower:
                         self._keys.namespace, seq, head_seq)  # fmt: skip
             return Verdict.LOSS
         if seq and last_id != "0-0" and not mine:
-            if first and not id_le(first[0][0], last_id):
+            if (first and not id_le(first[0][0], last_id)) or (not first and head_seq >= seq):
                 log.warning("banbus: stream %s was trimmed past us; reloading", key)
                 return Verdict.GAP
             log.warning("banbus: our last entry %s vanished from %s: Redis lost writes",

@@ -213,16 +213,14 @@ class Reseeder:
             status = "lifted"
         else:
             status = reply.status
+        counter = status if status in ("written", "present", "expired") else "lifted"
+        self.stats[counter] += 1
         if held.pop(target, None) is None:
             return  # the stream already spoke for it
-        if status == "written":
-            self.stats["written"] += 1  # its event follows on the stream
-        elif status == "present":
-            self.stats["present"] += 1  # somebody wrote it since: its event follows
-        else:
+        if counter == "lifted" or counter == "expired":
             # Removed since the loss, refused, or expired meanwhile: the
-            # record does not have it, so neither does this node.
-            self.stats["lifted" if status != "expired" else "expired"] += 1
+            # record does not have it, so neither does this node.  (Written
+            # or present: its event follows on the stream.)
             self._cache.set_entry(write.kind, target, None)
 
 
@@ -302,6 +300,7 @@ class AntiEntropy:
                 outcome[0] = "ok"
             elif self._offset is None and difference == Digest():
                 self._offset = difference
+                self.stats["record_mismatch"] = 0
                 outcome[0] = "ok"
             else:
                 self.difference = difference
@@ -331,7 +330,7 @@ class AntiEntropy:
         if self._offset is not None or self.difference is None:
             return False
         self._offset = self.difference
-        self.stats["record_mismatch"] += 1
+        self.stats["record_mismatch"] = 1
         log.error("banbus: the record of %r differs from its digest (was it edited by hand, "
                   "outside the banbus functions?); run 'banbus repair' (FCALL banbus_repair "
                   "1 %s) to recompute it", self._keys.namespace,

@@ -18,7 +18,11 @@ import pytest
 from banbus._servers import EmbeddedRedis, RedisProcess, redis_server_binary
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator
+
+    import redis.asyncio as aioredis
+
+    from banbus import Node
 
 REQUIRE_REAL = os.environ.get("BANBUS_REQUIRE_REAL_REDIS") == "1"
 HAVE_REAL = redis_server_binary() is not None
@@ -77,3 +81,24 @@ def redis_factory() -> Iterator[Callable[..., RedisProcess]]:
     yield make
     for proc in started:
         proc.close()
+
+
+@pytest.fixture
+async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain client (``decode_responses``) for inspecting and poking the server."""
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def two_nodes(redis_url: str, namespace: str) -> AsyncIterator[tuple[Node, Node]]:
+    """Nodes ``n0`` and ``n1`` on the test's namespace, in sync."""
+    from ._helpers import nodes
+
+    async with nodes(redis_url, namespace, 2) as (a, b):
+        yield a, b

@@ -6,18 +6,14 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 import banbus
 from banbus import (
@@ -30,85 +26,26 @@ from banbus import (
 )
 from banbus._cli import main
 
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+from ._helpers import (
+    child_node,
+    eventually,
+    keys,
+    nodes,
+    reader_client,
+    server_bans,
+    server_seq,
+    synced,
+    xlen,
+)
 
-    from anyio.abc import Process, TaskStatus
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from anyio.abc import TaskStatus
 
     from banbus._servers import RedisProcess
 
 pytestmark = pytest.mark.anyio
-
-CHILD = Path(__file__).with_name("_node_child.py")
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    """A plain client for inspecting and poking the server."""
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@asynccontextmanager
-async def nodes(url: str, namespace: str, count: int, **options: Any) -> AsyncIterator[list[Node]]:
-    async with AsyncExitStack() as stack:
-        started = [
-            await stack.enter_async_context(
-                Node(url, namespace=namespace, node_id=f"n{i}", **options)
-            )
-            for i in range(count)
-        ]
-        yield started
-
-
-async def synced(seq: int, *members: Node) -> None:
-    """Wait until every node applied event *seq* (the synchronisation point)."""
-    assert seq > 0
-    with anyio.fail_after(10):
-        for node in members:
-            await node.wait_for_seq(seq)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll *predicate* (for behaviour that has no event, like expiry); return the delay."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout}s")
-        await anyio.sleep(0.002)
-    return time.monotonic() - start
-
-
-def keys(namespace: str) -> dict[str, str]:
-    return banbus._node.namespace_keys(namespace)
-
-
-async def xlen(admin: aioredis.Redis, namespace: str) -> int:
-    return int(await admin.xlen(keys(namespace).log))
-
-
-async def server_seq(admin: aioredis.Redis, namespace: str) -> int:
-    """The namespace's last sequence number, from ``banbus_state``."""
-    state = await admin.fcall_ro("banbus_state", 1, namespace)  # type: ignore[misc]
-    return int(state[1])
-
-
-async def server_bans(admin: aioredis.Redis, namespace: str) -> set[str]:
-    return set(await admin.hkeys(keys(namespace).bans))
-
-
-async def reader_client(admin: aioredis.Redis, node: Node) -> dict[str, Any] | None:
-    for client in await admin.client_list():
-        if client.get("name") == f"banbus-reader:{node.node_id}":
-            return client
-    return None
 
 
 # -- propagation -----------------------------------------------------------------------------
@@ -226,44 +163,6 @@ async def test_separate_processes(redis_url: str, namespace: str) -> None:
         stats = json.loads(await children[1].ask("stats"))
         assert stats["bans"] == ["2001:db8::/48", "203.0.113.50"]
         assert stats["events_skipped"] == 0
-
-
-class Child:
-    def __init__(self, process: Process) -> None:
-        self.process = process
-        assert process.stdout is not None
-        self.stdout = BufferedByteReceiveStream(process.stdout)
-
-    async def line(self) -> str:
-        with anyio.fail_after(30):
-            return (await self.stdout.receive_until(b"\n", 1 << 20)).decode()
-
-    async def ask(self, command: str) -> str:
-        assert self.process.stdin is not None
-        await self.process.stdin.send(command.encode() + b"\n")
-        return await self.line()
-
-
-@asynccontextmanager
-async def child_node(url: str, namespace: str, node_id: str) -> AsyncIterator[Child]:
-    process = await anyio.open_process(
-        [sys.executable, str(CHILD), url, namespace, node_id],
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(CHILD.parent.parent)},
-    )
-    async with process:
-        child = Child(process)
-        try:
-            assert await child.line() == "ready"
-            yield child
-            assert process.stdin is not None
-            await process.stdin.send(b"quit\n")
-            with anyio.fail_after(10):
-                assert await process.wait() == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
 
 
 # -- bootstrap -------------------------------------------------------------------------------
