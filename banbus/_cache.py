@@ -273,6 +273,7 @@ class BanCache:
         "_v6_lengths",
         "_wheel",
         "_wheel_heap",
+        "_wheel_limit",
         "_wheel_size",
     )  # fmt: skip
 
@@ -291,8 +292,10 @@ class BanCache:
         #: expiry second -> ([ban targets], [allow targets]) due in it; swept by expire().
         self._wheel: dict[int, tuple[list[str | int], list[str | int]]] = {}
         self._wheel_heap: list[int] = []
-        #: Targets in the wheel, stale ones included (see _wheel_add).
+        #: Targets in the wheel, stale ones included, and when to look at that
+        #: again (see _bound_wheel).
         self._wheel_size = 0
+        self._wheel_limit = _WHEEL_SLACK
         #: Interned reason/origin strings: a million bans share a handful.
         self._strings: dict[str, str] = {}
         self._track = digest
@@ -302,8 +305,8 @@ class BanCache:
         #: recompute()); the dirty maps hold, for each target changed since,
         #: its expiry then (None: absent).
         self._digest: Digest | None = Digest() if digest else None
-        self._dirty_b: dict[str, int | None] | None = {} if digest else None
-        self._dirty_a: dict[str, int | None] | None = {} if digest else None
+        self._dirty_b: dict[str, Entry | None] | None = {} if digest else None
+        self._dirty_a: dict[str, Entry | None] | None = {} if digest else None
 
     # -- hot path ------------------------------------------------------------------
 
@@ -492,7 +495,7 @@ class BanCache:
         table = self._bans if ban else self._allow
         dirty = self._dirty_b if ban else self._dirty_a
         if dirty is not None and target not in dirty:
-            dirty[target] = table.expires_of(target)
+            dirty[target] = table.get(target)
         return table.remove(target) is not None
 
     def _store(
@@ -507,8 +510,13 @@ class BanCache:
     ) -> bool:
         table = self._bans if ban else self._allow
         dirty = self._dirty_b if ban else self._dirty_a
-        if dirty is not None and target not in dirty:
-            dirty[target] = table.expires_of(target)
+        if dirty is not None:
+            # The entry before the first change since the digest's last fold.
+            if table.packed or table.nets:
+                if target not in dirty:
+                    dirty[target] = table.get(target)
+            else:
+                dirty.setdefault(target, table.exact.get(target))
         if expires and expires <= (self._clock() if now is None else now):
             table.remove(target)
             return False
@@ -525,22 +533,26 @@ class BanCache:
             table.exact[target] = Entry(expires, reason, origin, seq)
             table.members.add(target)
         if expires:
-            self._wheel_add(expires // _BUCKET_MS, ban, target if key is None else key)
+            bucket = expires // _BUCKET_MS
+            due = self._wheel.get(bucket)
+            if due is None:
+                due = self._wheel[bucket] = ([], [])
+                heapq.heappush(self._wheel_heap, bucket)
+            # Compact: the very int object that keys the dict (no second copy).
+            due[0 if ban else 1].append(target if key is None else key)
+            self._wheel_size += 1
+            if self._wheel_size > self._wheel_limit:
+                self._bound_wheel()
         return ban
 
-    def _wheel_add(self, bucket: int, ban: bool, item: str | int) -> None:
-        due = self._wheel.get(bucket)
-        if due is None:
-            due = self._wheel[bucket] = ([], [])
-            heapq.heappush(self._wheel_heap, bucket)
-        # Compact: the very int object that keys the dict (no second copy).
-        due[0 if ban else 1].append(item)
-        self._wheel_size += 1
-        if self._wheel_size > 2 * (len(self._bans) + len(self._allow)) + _WHEEL_SLACK:
-            # Re-stores and removals leave stale items behind; rebuilding when
-            # they outnumber the live ones keeps the wheel within twice what is
-            # held, at an amortised O(1) per store.
+    def _bound_wheel(self) -> None:
+        """Re-stores and removals leave stale items in the wheel: keep it within
+        twice what is held (rebuilt when it is not: amortised O(1) per store)."""
+        limit = 2 * (len(self._bans) + len(self._allow)) + _WHEEL_SLACK
+        if self._wheel_size > limit:
             self._rebuild_wheel()
+            limit = 2 * (len(self._bans) + len(self._allow)) + _WHEEL_SLACK
+        self._wheel_limit = limit
 
     def _rebuild_wheel(self) -> None:
         wheel: dict[int, tuple[list[str | int], list[str | int]]] = {}
@@ -697,7 +709,11 @@ class BanCache:
             targets: list[str] = [*table.exact, *table.nets]
             targets += [_ntop(_AF_INET, key.to_bytes(4, "big")) for key in list(table.packed)]
             for target in targets:
-                expires = dirty[target] if target in dirty else table.expires_of(target)
+                if target in dirty:
+                    before = dirty[target]
+                    expires = None if before is None else before.expires
+                else:
+                    expires = table.expires_of(target)
                 if expires is not None:
                     h1, h2 = entry_hash(kind, target, expires)
                     d1 += h1
@@ -720,7 +736,8 @@ class BanCache:
                                    ("allow", self._allow, self._dirty_a)):  # fmt: skip
             while dirty and budget:
                 budget -= 1
-                target, old = dirty.popitem()
+                target, before = dirty.popitem()
+                old = None if before is None else before.expires
                 new = table.expires_of(target)
                 if old == new:
                     continue

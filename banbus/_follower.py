@@ -315,6 +315,9 @@ class Follower:
         reseeder = self._reseeder
         held_b, held_a = reseeder.held_b, reseeder.held_a
         notify = self._notify if self.listening() else None
+        # Own writes or re-seed candidates pending on some target?  (Rarely:
+        # checked per event only then.)
+        watching = bool(slots_b or slots_a or held_b or held_a)
         forged = self._forged
         ntop, pton, af = _ntop, _pton, _AF_INET
         now = self._clock.now()
@@ -343,15 +346,16 @@ class Follower:
                     seq = seq_
                     cursor = last_id = entry_id
                     applied += 1
-                    held = held_b if is_ban else held_a
-                    if held and target in held:
-                        del held[target]  # the record has spoken for it
-                    slots = slots_b if is_ban else slots_a
-                    if slots and target in slots:
-                        self.seq, self.cursor, self.last_id = seq, cursor, last_id
-                        kind: Kind = "ban" if is_ban else "allow"
-                        own += origin == publisher.node_id
-                        publisher.observe(kind, target, eid, cache.entry(kind, target))
+                    if watching:
+                        held = held_b if is_ban else held_a
+                        if target in held:
+                            del held[target]  # the record has spoken for it
+                        slots = slots_b if is_ban else slots_a
+                        if target in slots:
+                            self.seq, self.cursor, self.last_id = seq, cursor, last_id
+                            kind: Kind = "ban" if is_ban else "allow"
+                            own += origin == publisher.node_id
+                            publisher.observe(kind, target, eid, cache.entry(kind, target))
                     continue
             try:
                 event = decode_flat(fields or [])

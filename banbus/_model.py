@@ -151,10 +151,6 @@ def _text(fields: dict[str, str], name: str, max_bytes: int) -> str:
     return text
 
 
-#: Field names of a ban/allow entry as the function library writes them.
-_LAYOUT: Final = ["op", "target", "expires", "reason", "origin", "eid", "seq"]
-
-
 def ban_fields(fields: list[str]) -> tuple[bool, str, int, str, str, str, int] | None:
     """Read a ban/allow entry in the function library's exact layout, by position.
 
@@ -163,18 +159,17 @@ def ban_fields(fields: list[str]) -> tuple[bool, str, int, str, str, str, int] |
     (the bounds here are conservative; :func:`decode_entry` checks exactly).
     This is the per-event hot path of every node's reader.
     """
-    if len(fields) != 14 or fields[0::2] != _LAYOUT:
+    if len(fields) != 14:
         return None
-    op, target, expires, reason, origin, eid, seq = fields[1::2]
+    f_op, op, f_target, target, f_exp, expires, f_reason, reason, f_origin, origin, f_eid, eid, \
+        f_seq, seq = fields  # fmt: skip
     if (
-        (op == "ban" or op == "allow")
+        f_op == "op" and f_target == "target" and f_exp == "expires" and f_reason == "reason"
+        and f_origin == "origin" and f_eid == "eid" and f_seq == "seq"
+        and (op == "ban" or op == "allow")
         and 2 <= len(target) <= MAX_TARGET_LENGTH
-        and len(expires) <= 13
-        and expires.isdigit()
-        and expires.isascii()
-        and len(seq) <= 18
-        and seq.isdigit()
-        and seq.isascii()
+        and len(expires) <= 13 and expires.isdigit() and expires.isascii()
+        and len(seq) <= 18 and seq.isdigit() and seq.isascii()
         # Byte limits without encoding: 4 bytes per character at most, and
         # one for ASCII (``isascii`` is O(1): CPython keeps the flag).
         and (len(reason) <= MAX_REASON_BYTES // 4 or

@@ -36,7 +36,7 @@ from _common import Result, Worker
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from run import Context
+    from _context import Context
 
 PREFIX_LENGTHS = (12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
 #: Multiplier of a bijection on 32-bit ints (odd): spreads consecutive i over the space.

@@ -38,7 +38,7 @@ from _common import (
 )
 
 if TYPE_CHECKING:
-    from run import Context
+    from _context import Context
 
 CONNECTIONS = 10_000
 

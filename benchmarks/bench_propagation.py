@@ -52,7 +52,7 @@ from _common import (
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from run import Context
+    from _context import Context
 
 
 @dataclass

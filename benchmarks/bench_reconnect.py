@@ -24,7 +24,7 @@ from _common import (
 )
 
 if TYPE_CHECKING:
-    from run import Context
+    from _context import Context
 
 
 async def run(ctx: Context) -> list[Result]:

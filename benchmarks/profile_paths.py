@@ -6,7 +6,8 @@
 
 ``apply``: 100k bans are written with pipelined FCALLs and read back with a
 lean hiredis client (decoded as the node's reader gets them); then
-``Node._on_xread`` — decode, validate, apply — runs over the replies, first
+the node's follower (``Follower.apply``: decode, validate, apply) runs over the
+entries of the replies, first
 timed, then under cProfile.  ``bootstrap``: ``async with Node(...)`` on a
 namespace of *n* bans, timed, then under cProfile.  ``is_banned``: the steps
 of a lookup timed one by one on a 1M + 1k cache.
@@ -70,23 +71,31 @@ async def profile_apply(url: str, n: int) -> None:
     replies = await read_all(url, "{p}:log")
     read_s = time.perf_counter() - t0
     print(f"read {n:,} entries with a lean hiredis XREAD loop: {n / read_s:,.0f} events/s")
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
     best = 0.0
     for _ in range(3):
         node = banbus.Node(url, node_id="x", namespace="p")
+        node._build(client, spawn=lambda *args: None)
+        apply = node._follower.apply  # type: ignore[union-attr]
         t0 = time.perf_counter()
         for reply in replies:
-            node._on_xread(reply)
+            apply(reply[0][1])
         best = max(best, n / (time.perf_counter() - t0))
         assert node.statistics().events_applied == n
-    print(f"Node._on_xread alone: {best:,.0f} events/s = {1e6 / best:.2f} µs/event")
+    print(f"Follower.apply alone: {best:,.0f} events/s = {1e6 / best:.2f} µs/event")
     print(f"=> serial read + apply bound: {1 / (read_s / n + 1 / best):,.0f} events/s\n")
     node = banbus.Node(url, node_id="x", namespace="p")
+    node._build(client, spawn=lambda *args: None)
+    apply = node._follower.apply  # type: ignore[union-attr]
     profile = cProfile.Profile()
     profile.enable()
     for reply in replies:
-        node._on_xread(reply)
+        apply(reply[0][1])
     profile.disable()
     print(top(profile))
+    await client.aclose()
 
 
 async def profile_bootstrap(url: str, n: int) -> None:

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import bench_apply
@@ -30,39 +29,10 @@ import bench_cut
 import bench_propagation
 import bench_reconnect
 from _common import Result, command, drop_namespace, fmt_num, raise_fd_limit
+from _context import Context
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-
-    from bench_propagation import System
-
-
-@dataclass
-class Context:
-    url: str
-    quick: bool
-    run_id: str
-    seed: int = 42
-    #: Idle pause before each sparse propagation sample (s).
-    spacing: float = 0.005
-    cdf: dict[str, list[float]] = field(default_factory=dict)
-    #: The 4-node banbus samples of run_close, reused by run_scaling.
-    propagation4: System | None = None
-    namespaces: list[str] = field(default_factory=list)
-
-    @property
-    def samples(self) -> int:
-        """Sparse propagation samples per system (the issue asks for >= 300)."""
-        return 300 if self.quick else 1000
-
-    def ns(self, name: str) -> str:
-        namespace = f"bench{self.run_id}-{name}"
-        if namespace not in self.namespaces:
-            self.namespaces.append(namespace)
-        return namespace
-
-    def log(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
 
 #: name -> (function, what it measures); run in this order.

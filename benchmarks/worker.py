@@ -192,8 +192,7 @@ async def node_mode(args: argparse.Namespace) -> None:
             import msgspec
 
             out: dict[str, Any] = msgspec.structs.asdict(node.statistics())
-            if node._supervisor is not None:
-                out["supervisor"] = msgspec.structs.asdict(node._supervisor.statistics())
+            out["supervisor"] = msgspec.structs.asdict(node.supervisor.statistics())
             return out
 
         async def stats() -> dict[str, Any]:
