@@ -7,10 +7,11 @@ digests at the same sequence number mean equal views (with overwhelming
 probability); a difference that no sequence gap revealed (an entry added to
 the stream by hand, a bug) triggers a resync.  See :mod:`banbus._reseed`.
 
-One entry ``(kind, target, expires_ms)`` hashes to two numbers: the bytes of
-``"b203.0.113.7 1795752050"`` (``a`` for the allowlist; expiry in whole
-seconds, rounded up, 0 = permanent) read as one big-endian integer ``N``, then
-``(N mod P)**2 mod P`` for two primes ``P`` below 2**26.  Squaring makes the
+One entry ``(kind, target, expires_ms)`` hashes to two numbers: ``N`` is the
+target's bytes read as one big-endian integer, shifted left by 50 bits, plus
+the expiry in whole seconds (rounded up; 0 = permanent) times 4, plus the
+kind (1 ban, 2 allowlist); the hash is ``(N mod P)**2 mod P`` for two primes
+``P`` below 2**26.  Squaring makes the
 sum non-linear (two targets swapping their expiries change it); the primes keep
 every intermediate exact in Lua 5.1's doubles, where the library computes the
 same thing byte by byte.  The digest is the two sums modulo their primes plus
@@ -35,7 +36,8 @@ _P2: Final = DIGEST_P2
 def entry_hash(kind: str, target: str, expires_ms: int) -> tuple[int, int]:
     """The two digest components of one entry (*kind* ``"ban"``/``"allow"``)."""
     seconds = -(-expires_ms // 1000)
-    n = int.from_bytes(f"{kind[0]}{target} {seconds}".encode(), "big")
+    kind_bits = 1 if kind == "ban" else 2
+    n = (int.from_bytes(target.encode(), "big") << 50) | (seconds << 2) | kind_bits
     a = n % _P1
     b = n % _P2
     return a * a % _P1, b * b % _P2

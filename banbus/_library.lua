@@ -50,8 +50,8 @@ Keys (one hash tag, so the namespace lives in one Cluster slot with KEYS[1]):
   {NS}:bans:exp   zset target -> expires_ms (non-permanent entries only)
   {NS}:allow, {NS}:allow:exp   the same for the allowlist
   {NS}:seq        event counter     {NS}:epoch   id of this incarnation of the keyspace
-  {NS}:head       hash: seq, id of the last event written here; d1, d2, n: the
-                  record's digest (see banbus/_digest.py)
+  {NS}:head       hash: id of the last event written here (its seq is
+                  {NS}:seq); d1, d2: the record's digest (see banbus/_digest.py)
   {NS}:removed    zset "b <target>" | "a <target>" | "*" (clear) -> ms of the
                   last removal (capped at TOMBSTONE_LIMIT members)
   {NS}:config     hash: maxlen, min_prefix_v4, min_prefix_v6, max_ttl (all optional)
@@ -631,14 +631,30 @@ end
 -- ---------------------------------------------------------------------------
 
 local function entry_hash(kind_char, target, expires)
-  local s = kind_char .. target .. ' ' .. fmt(math.ceil(expires / 1000))
+  -- ((target bytes as one number) * 2^50 + seconds * 4 + kind) mod P,
+  -- squared: reduced three bytes at a time (a < 2^26, so a * 2^24 + 2^24
+  -- stays exact), without building a string.
+  local n = #target
   local a, b = 0, 0
-  local bytes = {string.byte(s, 1, -1)}
-  for i = 1, #bytes do
-    local c = bytes[i]
-    a = (a * 256 + c) % P1
-    b = (b * 256 + c) % P2
+  local i = n % 3
+  if i > 0 then
+    local c1, c2 = string.byte(target, 1, i)
+    local v = c2 and (c1 * 256 + c2) or c1
+    a, b = v, v
   end
+  i = i + 1
+  while i <= n do
+    local c1, c2, c3 = string.byte(target, i, i + 2)
+    local v = (c1 * 256 + c2) * 256 + c3
+    a = (a * 16777216 + v) % P1
+    b = (b * 16777216 + v) % P2
+    i = i + 3
+  end
+  local seconds = math.ceil(expires / 1000)
+  local hi, lo = math.floor(seconds / 16777216), seconds % 16777216
+  local k = kind_char == 'b' and 1 or 2
+  a = ((((a * 16777216 + hi) % P1) * 16777216 + lo) % P1 * 4 + k) % P1
+  b = ((((b * 16777216 + hi) % P2) * 16777216 + lo) % P2 * 4 + k) % P2
   return (a * a) % P1, (b * b) % P2
 end
 
@@ -647,20 +663,30 @@ local function record_expires(text)
   return e and tonumber(e)
 end
 
--- dg = {d1, d2, n}
-local function dg_add(dg, kind_char, target, expires, sign)
+-- The digest lives in {NS}:head as two plain sums, d1 and d2, kept with
+-- HINCRBY (no read on the write path): each stays below entries * 2^26,
+-- exact in int64 and in Lua's doubles up to 2^27 entries.  They are reduced
+-- modulo P1/P2 when read.  The entry count is HLEN of the two hashes.
+local function digest_delta(delta, kind_char, target, expires, sign)
   local h1, h2 = entry_hash(kind_char, target, expires)
-  dg[1] = (dg[1] + sign * h1) % P1
-  dg[2] = (dg[2] + sign * h2) % P2
-  dg[3] = dg[3] + sign
+  delta[1] = delta[1] + sign * h1
+  delta[2] = delta[2] + sign * h2
+end
+
+local function add_digest(ns, delta)
+  if delta[1] ~= 0 or delta[2] ~= 0 then
+    redis.call('HINCRBY', key(ns, 'head'), 'd1', delta[1])
+    redis.call('HINCRBY', key(ns, 'head'), 'd2', delta[2])
+  end
 end
 
 local TABLES = {{'b', 'bans'}, {'a', 'allow'}}
 
--- The digest of the whole record, computed from scratch (a namespace written
--- by library v3, or `banbus_repair` after hand edits).  O(entries).
+-- The digest of the whole record, computed from scratch into {NS}:head (a
+-- namespace written by library v3, a head deleted by hand, `banbus_repair`
+-- after hand edits).  O(entries).  Returns the sums.
 local function rehash(ns)
-  local dg = {0, 0, 0}
+  local delta = {0, 0}
   for _, t in ipairs(TABLES) do
     local cursor = '0'
     repeat
@@ -669,19 +695,30 @@ local function rehash(ns)
       local flat = page[2]
       for i = 1, #flat, 2 do
         local e = record_expires(flat[i + 1])
-        if e then dg_add(dg, t[1], flat[i], e, 1) end
+        if e then digest_delta(delta, t[1], flat[i], e, 1) end
       end
     until cursor == '0'
   end
-  return dg
+  redis.call('HSET', key(ns, 'head'), 'd1', delta[1], 'd2', delta[2])
+  return delta
 end
 
-local function load_digest(ns)
-  local v = redis.call('HMGET', key(ns, 'head'), 'd1', 'd2', 'n')
-  if v[1] and v[2] and v[3] then
-    return {tonumber(v[1]), tonumber(v[2]), tonumber(v[3])}
+local function field_of(fields, name)
+  for j = 1, #fields - 1, 2 do
+    if fields[j] == name then return fields[j + 1] end
   end
-  return rehash(ns)
+  return nil
+end
+
+-- After a write: the head moves to this event, and the digest by *delta*.
+-- A head that did not exist yet (library v3, deleted by hand) gets its
+-- digest computed from the record instead.
+local function advance_head(ns, id, delta)
+  if redis.call('HSET', key(ns, 'head'), 'id', id) == 1 then
+    rehash(ns)
+  else
+    add_digest(ns, delta)
+  end
 end
 
 -- ---------------------------------------------------------------------------
@@ -790,13 +827,6 @@ local function find_event(ns, eid, since)
   return nil, added ~= nil and added == length
 end
 
-local function field_of(fields, name)
-  for j = 1, #fields - 1, 2 do
-    if fields[j] == name then return fields[j + 1] end
-  end
-  return nil
-end
-
 -- ---------------------------------------------------------------------------
 -- Writes
 -- ---------------------------------------------------------------------------
@@ -819,19 +849,19 @@ end
 
 -- Expired entries leave the record here (nodes expire them locally, so no
 -- events).  The digest follows.
-local function purge(ns, kind_char, table_name, now, dg)
+local function purge(ns, kind_char, table_name, now)
   local zkey, hkey = key(ns, table_name .. ':exp'), key(ns, table_name)
   local expired = redis.call('ZRANGEBYSCORE', zkey, '-inf', fmt(now), 'LIMIT', '0', PURGE_BATCH)
   if #expired > 0 then
     local values = redis.call('HMGET', hkey, unpack(expired))
+    local delta = {0, 0}
     for i = 1, #expired do
       local e = values[i] and record_expires(values[i])
-      if e then dg_add(dg, kind_char, expired[i], e, -1) end
+      if e then digest_delta(delta, kind_char, expired[i], e, -1) end
     end
     redis.call('ZREM', zkey, unpack(expired))
     redis.call('HDEL', hkey, unpack(expired))
-    -- Saved now: a later step may still refuse the call.
-    redis.call('HSET', key(ns, 'head'), 'd1', fmt(dg[1]), 'd2', fmt(dg[2]), 'n', fmt(dg[3]))
+    add_digest(ns, delta)
   end
 end
 
@@ -886,12 +916,6 @@ local OPS = {
   banbus_disallow = {op = 'disallow', kind = 'remove', table_name = 'allow', char = 'a'},
 }
 
--- The end of every write: the digest and the head, then the reply.
-local function finish(ns, seq, id, dg)
-  redis.call('HSET', key(ns, 'head'), 'seq', fmt(seq), 'id', id, 'd1', fmt(dg[1]),
-    'd2', fmt(dg[2]), 'n', fmt(dg[3]))
-end
-
 local function write(fname, keys, args)
   local spec = OPS[fname]
   local adding = spec.kind == 'add'
@@ -933,9 +957,8 @@ local function write(fname, keys, args)
   end
 
   -- 3. Purge what has expired (nodes expire locally, so no events).
-  local dg = load_digest(ns)
-  purge(ns, 'b', 'bans', now, dg)
-  purge(ns, 'a', 'allow', now, dg)
+  purge(ns, 'b', 'bans', now)
+  purge(ns, 'a', 'allow', now)
 
   local hkey, zkey = key(ns, spec.table_name), key(ns, spec.table_name .. ':exp')
   local expires = 0
@@ -969,7 +992,7 @@ local function write(fname, keys, args)
   -- can fail (a WRONGTYPE, a stream that cannot take entries) fails before
   -- the first change below, except the XADD itself, which goes first.
   local epoch = ensure_epoch(ns, time)
-  local seq = (tonumber(redis.call('GET', key(ns, 'seq'))) or 0) + 1
+  local seq = redis.call('INCR', key(ns, 'seq'))
   local eid = opts.eid or (epoch .. '-' .. fmt(seq))
   local id
   if adding then
@@ -979,9 +1002,9 @@ local function write(fname, keys, args)
     id = xadd(ns, cfg.maxlen, now, {'op', spec.op, 'target', target, 'origin', opts.origin,
       'eid', eid, 'seq', fmt(seq)})
   end
-  if type(id) == 'table' then return id end  -- an error reply
-  redis.call('SET', key(ns, 'seq'), fmt(seq))
-  if old_exp then dg_add(dg, spec.char, target, old_exp, -1) end
+  if type(id) == 'table' then return id end  -- an error reply (seq skipped: readers resync)
+  local delta = {0, 0}
+  if old_exp then digest_delta(delta, spec.char, target, old_exp, -1) end
   if adding then
     redis.call('HSET', hkey, target, record_json(expires, reason, opts.origin, seq))
     if expires > 0 then
@@ -989,7 +1012,7 @@ local function write(fname, keys, args)
     else
       redis.call('ZREM', zkey, target)
     end
-    dg_add(dg, spec.char, target, expires, 1)
+    digest_delta(delta, spec.char, target, expires, 1)
   else
     if old then
       redis.call('HDEL', hkey, target)
@@ -997,7 +1020,7 @@ local function write(fname, keys, args)
     end
     remember_removal(ns, spec.char .. ' ' .. target, now)
   end
-  finish(ns, seq, id, dg)
+  advance_head(ns, id, delta)
   return {seq, id, target, expires, status, epoch}
 end
 
@@ -1012,16 +1035,15 @@ local function clear(keys, args)
     if entry then return duplicate_reply(ns, entry, '') end
   end
   local epoch = ensure_epoch(ns, time)
-  local seq = (tonumber(redis.call('GET', key(ns, 'seq'))) or 0) + 1
+  local seq = redis.call('INCR', key(ns, 'seq'))
   local eid = opts.eid or (epoch .. '-' .. fmt(seq))
   local id = xadd(ns, cfg.maxlen, now, {'op', 'clear', 'origin', opts.origin, 'eid', eid,
     'seq', fmt(seq)})
   if type(id) == 'table' then return id end
-  redis.call('SET', key(ns, 'seq'), fmt(seq))
   redis.call('DEL', key(ns, 'bans'), key(ns, 'bans:exp'), key(ns, 'allow'), key(ns, 'allow:exp'),
     key(ns, 'removed'))
   remember_removal(ns, '*', now)
-  finish(ns, seq, id, {0, 0, 0})
+  redis.call('HSET', key(ns, 'head'), 'id', id, 'd1', 0, 'd2', 0)
   return {seq, id, '', 0, 'written', epoch}
 end
 
@@ -1032,34 +1054,29 @@ local function repair(keys, args)
   end
   local now = now_ms()
   local fixed = repair_stream(ns, now)
-  local v = redis.call('HMGET', key(ns, 'head'), 'd1', 'd2', 'n')
-  local before = v[1] and (v[1] .. ' ' .. v[2] .. ' ' .. v[3]) or 'none'
-  local dg = rehash(ns)
-  redis.call('HSET', key(ns, 'head'), 'd1', fmt(dg[1]), 'd2', fmt(dg[2]), 'n', fmt(dg[3]))
-  return {fixed, before, fmt(dg[1]) .. ' ' .. fmt(dg[2]) .. ' ' .. fmt(dg[3])}
+  local v = redis.call('HMGET', key(ns, 'head'), 'd1', 'd2')
+  local before = v[1] and v[2] and (fmt(tonumber(v[1]) % P1) .. ' ' .. fmt(tonumber(v[2]) % P2))
+    or 'none'
+  local sums = rehash(ns)
+  return {fixed, before, fmt(sums[1] % P1) .. ' ' .. fmt(sums[2] % P2)}
 end
 
 -- ---------------------------------------------------------------------------
 -- Reads
 -- ---------------------------------------------------------------------------
 
--- The last event this library wrote: {id, seq}.  Namespaces written by
--- library v3 have no head yet: the newest entry and the counter stand in.
+-- The last event this library wrote: {id, seq} (its seq is the counter's:
+-- both move in the same call).  Namespaces written by library v3 have no
+-- head yet: the newest entry stands in.
 local function head_of(ns)
-  local h = redis.call('HMGET', key(ns, 'head'), 'id', 'seq')
-  if h[1] and h[2] then
-    return h[1], tonumber(h[2])
-  end
-  local last_id, seq = '0-0', nil
+  local id = redis.call('HGET', key(ns, 'head'), 'id')
+  local counter = tonumber(redis.call('GET', key(ns, 'seq')) or '0') or 0
+  if id then return id, counter end
   local newest = redis.call('XREVRANGE', key(ns, 'log'), '+', '-', 'COUNT', '1')
   if newest[1] then
-    last_id = newest[1][1]
-    seq = tonumber(field_of(newest[1][2], 'seq') or '')
+    return newest[1][1], tonumber(field_of(newest[1][2], 'seq') or '') or counter
   end
-  if not seq then
-    seq = tonumber(redis.call('GET', key(ns, 'seq')) or '0') or 0
-  end
-  return last_id, seq
+  return '0-0', counter
 end
 
 local function state(keys, args)
@@ -1083,11 +1100,12 @@ local function digest(keys, args)
   end
   local cutoff = parse_ms('cutoff', args[1])
   local last_id, seq = head_of(ns)
-  local v = redis.call('HMGET', key(ns, 'head'), 'd1', 'd2', 'n')
-  if not (v[1] and v[2] and v[3]) then
+  local v = redis.call('HMGET', key(ns, 'head'), 'd1', 'd2')
+  if not (v[1] and v[2]) then
     return {seq, last_id, 'unknown', 0, 0, 0}
   end
-  local dg = {tonumber(v[1]), tonumber(v[2]), tonumber(v[3])}
+  local dg = {tonumber(v[1]) % P1, tonumber(v[2]) % P2,
+    redis.call('HLEN', key(ns, 'bans')) + redis.call('HLEN', key(ns, 'allow'))}
   local c = fmt(cutoff)
   for _, t in ipairs(TABLES) do
     local zkey = key(ns, t[2] .. ':exp')
@@ -1098,7 +1116,10 @@ local function digest(keys, args)
     -- same), whether or not a purge has removed them yet.
     local due = redis.call('ZRANGEBYSCORE', zkey, '-inf', c, 'WITHSCORES')
     for i = 1, #due, 2 do
-      dg_add(dg, t[1], due[i], tonumber(due[i + 1]), -1)
+      local h1, h2 = entry_hash(t[1], due[i], tonumber(due[i + 1]))
+      dg[1] = (dg[1] - h1) % P1
+      dg[2] = (dg[2] - h2) % P2
+      dg[3] = dg[3] - 1
     end
   end
   return {seq, last_id, 'ok', dg[1], dg[2], dg[3]}
