@@ -727,27 +727,41 @@ class BanCache:
         self._digest = Digest(d1 % DIGEST_P1, d2 % DIGEST_P2, n)
 
     def _fold(self, limit: int | None = None) -> Digest:
-        """Fold the tracked changes (at most *limit* of them) into the digest; return it."""
+        """Fold the tracked changes (at most *limit* of them) into the digest; return it.
+
+        :func:`banbus._digest.entry_hash`, inlined: the target's part of the
+        number is shared by its old and new entry.
+        """
         assert self._digest is not None and self._dirty_b is not None
         assert self._dirty_a is not None
         d1, d2, n = self._digest
+        p1, p2 = DIGEST_P1, DIGEST_P2
         budget = -1 if limit is None else limit
-        for kind, table, dirty in (("ban", self._bans, self._dirty_b),
-                                   ("allow", self._allow, self._dirty_a)):  # fmt: skip
+        for kind_bits, table, dirty in ((1, self._bans, self._dirty_b),
+                                        (2, self._allow, self._dirty_a)):  # fmt: skip
+            exact_get = table.exact.get
+            simple = not (table.packed or table.nets)
             while dirty and budget:
                 budget -= 1
                 target, before = dirty.popitem()
+                entry = exact_get(target)
+                if entry is not None:
+                    new = entry.expires
+                else:
+                    new = None if simple else table.expires_of(target)
                 old = None if before is None else before.expires
-                new = table.expires_of(target)
                 if old == new:
                     continue
+                base = int.from_bytes(target.encode(), "big") << 50 | kind_bits
                 if old is not None:
-                    h1, h2 = entry_hash(kind, target, old)
-                    d1, d2, n = d1 - h1, d2 - h2, n - 1
+                    x = base | -(-old // 1000) << 2
+                    a, b = x % p1, x % p2
+                    d1, d2, n = d1 - a * a % p1, d2 - b * b % p2, n - 1
                 if new is not None:
-                    h1, h2 = entry_hash(kind, target, new)
-                    d1, d2, n = d1 + h1, d2 + h2, n + 1
-        self._digest = Digest(d1 % DIGEST_P1, d2 % DIGEST_P2, n)
+                    x = base | -(-new // 1000) << 2
+                    a, b = x % p1, x % p2
+                    d1, d2, n = d1 + a * a % p1, d2 + b * b % p2, n + 1
+        self._digest = Digest(d1 % p1, d2 % p2, n)
         return self._digest
 
     @property

@@ -267,59 +267,64 @@ class AntiEntropy:
     async def check(
         self, conn: ReaderConnection
     ) -> Literal["ok", "mismatch", "skipped", "anomaly"]:
-        """One aligned comparison; the caller judges a mismatch (see :meth:`accept`)."""
+        """One aligned comparison; the caller judges a mismatch (see :meth:`accept`).
+
+        The read and the digest go out together; only when the read finds the
+        stream drained (the node is at the head the digest was taken at) is
+        the view's digest brought up to date — a node catching up on a burst
+        does no digest work.  Nothing else applies stream events meanwhile
+        (the reader is here), so the view stays at that seq while the
+        pending changes are folded, a chunk per loop iteration.
+        """
         self._next = self._clock.local() + self._interval_ms
         self._follower.suspect = False
-        cache = self._cache
-        while cache.pending_changes > 20_000:
-            cache.fold_some(20_000)  # keep the fold inside the callback short
-            await anyio.lowlevel.checkpoint()
         cutoff = (self._clock.now() // 1000 + 2) * 1000
         follower = self._follower
-        outcome: list[Any] = ["skipped"]
+        state: list[Any] = ["skipped", None]
 
         def on_read(reply: Any) -> None:
             entries = reply[0][1] if reply else []
             if entries and not follower.apply(entries):
-                outcome[0] = "anomaly"
-            elif len(entries) >= follower_batch:
-                outcome[0] = "behind"
+                state[0] = "anomaly"
+            elif len(entries) >= follower.batch:
+                state[0] = "behind"
 
         def on_digest(reply: Any) -> None:
-            if outcome[0] != "skipped":
-                return
             seq, _, status, d1, d2, n = reply
-            if status != "ok" or int(seq) != follower.seq:
-                return  # writes landed in between, or the library is busy: later
-            mine = self.view_digest(cutoff)
-            if mine is None:
-                return
-            self.stats["checks"] += 1
-            difference = Digest(int(d1), int(d2), int(n)).minus(mine)
-            if self._offset is not None and difference == self._offset:
-                outcome[0] = "ok"
-            elif self._offset is None and difference == Digest():
-                self._offset = difference
-                self.stats["record_mismatch"] = 0
-                outcome[0] = "ok"
-            else:
-                self.difference = difference
-                outcome[0] = "mismatch"
+            if state[0] == "skipped" and status == "ok" and int(seq) == follower.seq:
+                state[1] = Digest(int(d1), int(d2), int(n))
+            # else: writes landed in between, or the library is busy: later
 
-        follower_batch = follower.batch
-        namespace = self._keys.namespace
         with anyio.fail_after(10.0):
-            read = conn.call("XREAD", "COUNT", follower_batch, "STREAMS", self._keys.log,
+            read = conn.call("XREAD", "COUNT", follower.batch, "STREAMS", self._keys.log,
                              follower.cursor, sink=on_read)  # fmt: skip
-            digest = conn.call("FCALL_RO", "banbus_digest", 1, namespace, cutoff, sink=on_digest)
+            digest = conn.call("FCALL_RO", "banbus_digest", 1, self._keys.namespace, cutoff,
+                               sink=on_digest)  # fmt: skip
             await read
             await digest
-        result = outcome[0]
-        if result == "behind":
+        if state[0] == "anomaly":
+            return "anomaly"
+        record = state[1]
+        if record is None:
             return "skipped"
-        if result == "mismatch":
-            self.stats["mismatches"] += 1
-        return result  # type: ignore[no-any-return]
+        cache = self._cache
+        while cache.pending_changes > 20_000:
+            cache.fold_some(20_000)
+            await anyio.lowlevel.checkpoint()
+        mine = self.view_digest(cutoff)
+        if mine is None:
+            return "skipped"
+        self.stats["checks"] += 1
+        difference = record.minus(mine)
+        if self._offset is not None and difference == self._offset:
+            return "ok"
+        if self._offset is None and difference == Digest():
+            self._offset = difference
+            self.stats["record_mismatch"] = 0
+            return "ok"
+        self.difference = difference
+        self.stats["mismatches"] += 1
+        return "mismatch"
 
     def accept(self) -> bool:
         """The stream is sound but the digests differ: calibrate if this is the first look.
