@@ -745,10 +745,9 @@ class BanCache:
                 budget -= 1
                 target, before = dirty.popitem()
                 entry = exact_get(target)
-                if entry is not None:
-                    new = entry.expires
-                else:
-                    new = None if simple else table.expires_of(target)
+                new: int | None = entry.expires if entry is not None else None
+                if entry is None and not simple:
+                    new = table.expires_of(target)
                 old = None if before is None else before.expires
                 if old == new:
                     continue

@@ -508,7 +508,11 @@ class Publisher:
                     if isinstance(exc, Unreachable):
                         write.ambiguous = write.ambiguous or exc.sent
                     write.state = "queued"
-                    await anyio.sleep(delay * random.uniform(0.5, 1.0))
+                    # Back off — but try again at once when the reader
+                    # reconnects (kick()).
+                    with anyio.move_on_after(delay * random.uniform(0.5, 1.0)):
+                        await self._wakeup.wait()
+                    self._wakeup = anyio.Event()
                     delay = min(delay * 2, self._backoff[1])
                     continue
                 except BaseException:

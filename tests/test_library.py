@@ -489,7 +489,7 @@ async def test_unban_of_missing_target_is_remembered(r: AsyncRedis, namespace: s
     assert (seq, target, status) == (1, "203.0.113.7", "absent")
     reply = await fcall(r, "banbus_disallow", namespace, "::ffff:203.0.113.7")
     assert (reply[2], reply[4]) == ("203.0.113.7", "absent")
-    assert await r.zrange(f"{ns}:removed", 0, -1) == ["a 203.0.113.7", "b 203.0.113.7"]
+    assert set(await r.zrange(f"{ns}:removed", 0, -1)) == {"a 203.0.113.7", "b 203.0.113.7"}
     assert await r.hlen(f"{ns}:bans") == 0
     assert [f["op"] for _, f in await r.xrange(f"{ns}:log")] == ["unban", "disallow"]
 

@@ -80,7 +80,11 @@ async def test_own_write_expiring_in_the_outbox_leaves_no_trace(
                 lambda: a.server_time() > queued.expires + 50, 5.0, "queued ban expires"
             )
             proxy.accept()
-            await eventually(lambda: a.statistics().resyncs >= 1, 10.0, "a reloads")
+            await eventually(
+                lambda: a.statistics().resyncs >= 1 and a.statistics().writes_pending == 0,
+                10.0,
+                "a reloads, and drops its dead write",
+            )
             await caught_up(admin, namespace, a, b)
             assert a.is_banned("203.0.113.5"), "the permanent ban must win"
             stats = a.statistics()
