@@ -50,7 +50,6 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
-import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from redis.asyncio.retry import Retry
@@ -58,7 +57,7 @@ from redis.backoff import NoBackoff
 
 from ._cache import BanCache
 from ._clock import ServerClock, local_clock_ms
-from ._exceptions import BanbusError, InvalidInput, NodeClosed, RedisUnavailable, ServerError
+from ._exceptions import BanbusError, InvalidInput, NodeClosed, ServerError
 from ._follower import Follower
 from ._keys import DEFAULT_MIN_PREFIX_V4, DEFAULT_MIN_PREFIX_V6, namespace_keys
 from ._library import ensure_library
@@ -66,7 +65,8 @@ from ._model import Allow, Ban, BanRecord, Disallow, Unban, check_origin, check_
 from ._publisher import Publisher, Write
 from ._reader import Reader
 from ._reseed import AntiEntropy, Reseeder
-from ._resp import PyConnection, RespConnection, RespError, address_of
+from ._resp import address_of, open_reader
+from ._statistics import NodeStatistics
 from ._targets import parse_target
 
 if TYPE_CHECKING:
@@ -80,70 +80,6 @@ if TYPE_CHECKING:
 __all__ = ["Node", "NodeStatistics", "namespace_keys"]
 
 log = logging.getLogger("banbus")
-
-
-class NodeStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    """A snapshot of a node's counters (see :meth:`Node.statistics`)."""
-
-    node_id: str
-    namespace: str
-    #: Stream events applied (own and others').
-    events_applied: int
-    #: Stream entries and record values skipped as malformed or forged.
-    events_skipped: int
-    #: Own events seen coming back from the stream.
-    own_events_confirmed: int
-    #: Full reloads from the record (gap, trimmed cursor, forged entry, data loss…).
-    resyncs: int
-    #: Reader reconnections.
-    reconnects: int
-    #: Time from an event's creation (its stream id) to its application, last event.
-    lag_ms: float
-    #: The highest lag seen.
-    max_lag_ms: float
-    #: Bans held locally (expired ones are reclaimed within a second).
-    bans_active: int
-    #: Of which CIDR networks.
-    networks_active: int
-    allows_active: int
-    #: Local writes waiting for Redis.
-    outbox_pending: int
-    #: Own writes whose fate is not known yet (in flight, queued, or
-    #: acknowledged and not yet seen on the stream).
-    writes_pending: int
-    #: Own writes dropped because their ban ran out while queued.
-    writes_expired: int
-    #: Own writes the server refused for good (undone here).
-    writes_refused: int
-    #: Retries the library recognised as already written (``RETRY``).
-    retries_duplicate: int
-    #: Retries it could not check (the stream was trimmed past them).
-    retries_unverified: int
-    #: Sequence number of the last applied event.
-    last_seq: int
-    #: Redis server clock minus this host's wall clock (expiry uses the server's).
-    clock_offset_ms: int
-    #: Round trips used to measure the server clock.
-    clock_measurements: int
-    #: Data losses seen (the record reset or rolled back).
-    losses: int
-    #: Entries re-seeded after a loss, found present, or found removed since.
-    reseed_written: int
-    reseed_present: int
-    reseed_lifted: int
-    #: Entries held here that are being restored.
-    reseed_pending: int
-    #: Entries found forged (not written by the library) and skipped.
-    forged_entries: int
-    #: Digest comparisons made, and those that found the view drifted.
-    digest_checks: int
-    digest_mismatches: int
-    #: 1 when the record differed from its own digest at the last reload
-    #: (edited by hand; run ``banbus repair``).
-    record_digest_mismatch: int
-    #: Items in the expiry wheel (bounded by twice the entries held).
-    expiry_wheel: int
-    connected: bool
 
 
 class Node:
@@ -611,18 +547,8 @@ class Node:
         return int(seconds) * 1000 + int(micros) // 1000
 
     async def _connect(self) -> ReaderConnection:
-        name = f"banbus-reader:{self.node_id}"
-        try:
-            if self._address is not None:
-                conn: ReaderConnection = await RespConnection.open(self._address, name=name)
-            else:
-                assert self._client is not None
-                conn = await PyConnection.open(self._client, name)
-        except RespError as exc:
-            raise ServerError(f"reader connection refused: {exc}") from exc
-        except (OSError, TimeoutError, redis_errors.RedisError) as exc:
-            raise RedisUnavailable(f"cannot connect the reader: {exc}") from exc
-        return conn
+        assert self._client is not None
+        return await open_reader(self._address, self._client, f"banbus-reader:{self.node_id}")
 
 
 async def _aclose_shielded(client: aioredis.Redis) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "RespError",
     "ServerAddress",
     "address_of",
+    "open_reader",
 ]
 
 
@@ -361,3 +362,21 @@ class PyConnection:
 
     def close(self) -> None:
         self._fail(ConnectionError("connection closed by client"))
+
+
+async def open_reader(address: ServerAddress | None, client: Redis, name: str) -> ReaderConnection:
+    """The reader's connection: lean when *address* is known, else through *client*'s pool.
+
+    :raises ServerError: the server refused it (authentication, ACL).
+    :raises RedisUnavailable: it could not be reached.
+    """
+    from ._exceptions import RedisUnavailable, ServerError
+
+    try:
+        if address is not None:
+            return await RespConnection.open(address, name=name)
+        return await PyConnection.open(client, name)
+    except RespError as exc:
+        raise ServerError(f"reader connection refused: {exc}") from exc
+    except (OSError, TimeoutError, redis_errors.RedisError) as exc:
+        raise RedisUnavailable(f"cannot connect the reader: {exc}") from exc
