@@ -60,12 +60,15 @@ class ServerClock:
     """The node's estimate of the Redis server clock, in milliseconds.
 
     :param local: the local monotonic clock in ms (tests inject a fake one).
+    :param measured: False: never measure; *local* is taken to be the server's
+        clock itself (tests that move time by hand).
     """
 
-    __slots__ = ("_listeners", "_local", "_trusted_at", "measurements", "offset")
+    __slots__ = ("_listeners", "_local", "_measured", "_trusted_at", "measurements", "offset")
 
-    def __init__(self, local: Callable[[], int] = local_clock_ms) -> None:
+    def __init__(self, local: Callable[[], int] = local_clock_ms, *, measured: bool = True) -> None:
         self._local = local
+        self._measured = measured
         #: Server time minus local time, ms.
         self.offset = 0
         #: Round trips used to set the offset.
@@ -94,6 +97,8 @@ class ServerClock:
 
         Returns True if the offset was (re)set from it.
         """
+        if not self._measured:
+            return False
         rtt = received_ms - sent_ms
         now = received_ms
         if (
@@ -122,6 +127,8 @@ class ServerClock:
 
     async def run(self, read_server_ms: Callable[[], Awaitable[int]], interval: float) -> None:
         """Re-measure every *interval* seconds, forever; failures keep the last offset."""
+        if not self._measured:
+            return
         while True:
             await anyio.sleep(interval)
             try:

@@ -111,7 +111,9 @@ class Node:
         second and ``lookup`` returns them without reason, origin or seq.
     :param check_interval: seconds between anti-entropy comparisons of the
         view's digest with the record's (0 turns them off).
-    :param clock_interval: seconds between measurements of the server clock.
+    :param clock_interval: seconds between measurements of the server clock;
+        ``None``: never measure it — *clock* then *is* the server clock (for
+        tests that move time by hand).
     :param clock: the local monotonic clock in milliseconds (default: one
         that counts host suspension); tests inject a fake one.
     """
@@ -131,7 +133,7 @@ class Node:
         reseed: bool = True,
         compact: bool = False,
         check_interval: float = 2.0,
-        clock_interval: float = 2.0,
+        clock_interval: float | None = 2.0,
         clock: Callable[[], int] | None = None,
     ) -> None:
         self._keys = namespace_keys(namespace)
@@ -147,8 +149,8 @@ class Node:
         self.min_prefix_v6 = min_prefix_v6
         if block_ms < 1 or batch_size < 1 or scan_count < 1:
             raise ValueError("block_ms, batch_size and scan_count must be positive")
-        if check_interval < 0 or clock_interval <= 0:
-            raise ValueError("check_interval must be >= 0 and clock_interval > 0")
+        if check_interval < 0 or (clock_interval is not None and clock_interval <= 0):
+            raise ValueError("check_interval must be >= 0 and clock_interval > 0 (or None)")
         self._block_ms = block_ms
         self._batch = batch_size
         self._backoff = backoff
@@ -157,7 +159,7 @@ class Node:
         self._check_interval = check_interval
         self._clock_interval = clock_interval
         self._state: Literal["new", "starting", "running", "closed"] = "new"
-        self._clock = ServerClock(clock or local_clock_ms)
+        self._clock = ServerClock(clock or local_clock_ms, measured=clock_interval is not None)
         self._cache = BanCache(self._clock.now, compact=compact, digest=check_interval > 0)
         # The hot path without a second Python call: the cache's bound method
         # (it stays valid across reloads, which swap the cache's insides).
@@ -213,7 +215,7 @@ class Node:
             tg.start_soon(self._expiry_task)
             tg.start_soon(self._publisher.run)
             tg.start_soon(self._reseeder.run)
-            tg.start_soon(self._clock.run, self._server_time, self._clock_interval)
+            tg.start_soon(self._clock.run, self._server_time, self._clock_interval or 1.0)
         except BaseException:
             self._state = "closed"
             await stack.aclose()

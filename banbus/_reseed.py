@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import anyio
@@ -245,9 +246,11 @@ class AntiEntropy:
         self._reseeder = reseeder
         self._follower = follower
         self._clock = clock
-        self._interval_ms = int(interval * 1000)
+        self._interval = interval
         self.enabled = enabled
-        self._next = 0
+        #: When the next comparison is due (``time.monotonic()``: a schedule, not
+        #: the server clock, which tests may move by hand).
+        self._next = 0.0
         #: The record's digest minus the view's, as calibrated after a reload.
         self._offset: Digest | None = None
         #: The last difference seen (for the calibration after a clean verify).
@@ -257,12 +260,12 @@ class AntiEntropy:
     def reloaded(self) -> None:
         """A snapshot was installed: the next comparison calibrates."""
         self._offset = None
-        self._next = self._clock.local() + self._interval_ms
+        self._next = time.monotonic() + self._interval
 
     def due(self) -> bool:
         if not self.enabled or not self._cache.digest_known or self._reseeder.busy:
             return False
-        return self._follower.suspect or self._clock.local() >= self._next
+        return self._follower.suspect or time.monotonic() >= self._next
 
     async def check(
         self, conn: ReaderConnection
@@ -276,7 +279,7 @@ class AntiEntropy:
         (the reader is here), so the view stays at that seq while the
         pending changes are folded, a chunk per loop iteration.
         """
-        self._next = self._clock.local() + self._interval_ms
+        self._next = time.monotonic() + self._interval
         self._follower.suspect = False
         cutoff = (self._clock.now() // 1000 + 2) * 1000
         follower = self._follower

@@ -1255,3 +1255,43 @@ async def test_outbox_keeps_replace(
             assert a.statistics().writes_pending == 0
     finally:
         await admin.aclose()
+
+
+class ManualClock:
+    """A server clock that moves only when told (TTL tests without waiting)."""
+
+    def __init__(self) -> None:
+        self.ms = time.time_ns() // 1_000_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+async def test_ttl_with_an_injected_clock(
+    redis_url: str, namespace: str, admin: aioredis.Redis
+) -> None:
+    """An hour-long ban expires when the node's clock says so: no real wait.
+
+    The record keeps it (its clock has not moved); the anti-entropy leaves
+    out what expires before its cutoff on both sides, so the skewed clock
+    causes no reload.
+    """
+    clock = ManualClock()
+    async with nodes(
+        redis_url, namespace, 1, clock=clock, clock_interval=None, block_ms=100,
+        check_interval=0.05,
+    ) as (a,):  # fmt: skip
+        hour = await a.ban("203.0.113.9", ttl=3600, reason="an hour")
+        day = await a.ban("203.0.113.10", ttl=86400, reason="a day")
+        await synced(day.seq, a)
+        assert a.is_banned("203.0.113.9") and a.is_banned("203.0.113.10")
+        clock.ms += 3601 * 1000
+        assert not a.is_banned("203.0.113.9")  # at once: the hit checks the clock
+        assert a.is_banned("203.0.113.10")
+        await eventually(lambda: a.statistics().bans_active == 1, 5.0, "reclaimed by the sweep")
+        checks = a.statistics().digest_checks
+        await eventually(lambda: a.statistics().digest_checks >= checks + 3, 10.0, "checks")
+        stats = a.statistics()
+        assert (stats.resyncs, stats.digest_mismatches) == (0, 0)
+        assert await admin.hexists(keys(namespace).bans, "203.0.113.9")  # Redis's clock: later
+        assert hour.expires > 0
