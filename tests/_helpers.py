@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 CHILD = Path(__file__).with_name("_node_child.py")
 
+#: Two nodes on one namespace (the ``two_nodes`` fixture).
+Pair = tuple[Node, Node]
+
 #: (kind, target) -> expiry in whole seconds (0 = permanent): what a view or
 #: the record says, at the digest's granularity.
 View = dict[tuple[str, str], int]

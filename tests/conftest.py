@@ -97,8 +97,11 @@ async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 async def two_nodes(redis_url: str, namespace: str) -> AsyncIterator[tuple[Node, Node]]:
-    """Nodes ``n0`` and ``n1`` on the test's namespace, in sync."""
-    from ._helpers import nodes
+    """Nodes ``a`` and ``b`` on the test's namespace, in sync."""
+    from banbus import Node
 
-    async with nodes(redis_url, namespace, 2) as (a, b):
+    async with (
+        Node(redis_url, namespace=namespace, node_id="a") as a,
+        Node(redis_url, namespace=namespace, node_id="b") as b,
+    ):
         yield a, b

@@ -10,13 +10,12 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect as ws_connect
 
-import banbus
 from banbus.asgi import BanMiddleware, client_address
 
 from ._net import HTTPClient, sync_marker, uvicorn_server
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from ._helpers import Pair
 
 pytestmark = pytest.mark.anyio
 
@@ -67,15 +66,6 @@ class App:
             raise
 
 
-@pytest.fixture
-async def nodes(redis_url: str, namespace: str) -> AsyncIterator[tuple[banbus.Node, banbus.Node]]:
-    async with (
-        banbus.Node(redis_url, namespace=namespace, node_id="a") as a,
-        banbus.Node(redis_url, namespace=namespace, node_id="b") as b,
-    ):
-        yield a, b
-
-
 def client(port: int, source: str) -> httpx.AsyncClient:
     transport = httpx.AsyncHTTPTransport(local_address=source, retries=0)
     return httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", transport=transport,
@@ -83,10 +73,10 @@ def client(port: int, source: str) -> httpx.AsyncClient:
 
 
 async def test_middleware_only_checks_every_keep_alive_request(
-    nodes: tuple[banbus.Node, banbus.Node],
+    two_nodes: Pair,
 ) -> None:
     """Without the connection-level protocol, each request on a keep-alive connection is checked."""
-    a, b = nodes
+    a, b = two_nodes
     async with uvicorn_server(BanMiddleware(App(), b)) as port:
         conn = await HTTPClient.open("127.0.0.1", port, "127.0.0.31")
         try:
@@ -106,8 +96,10 @@ async def test_middleware_only_checks_every_keep_alive_request(
             assert (await banned.get("/")).status_code == 200
 
 
-async def test_in_flight_request_is_answered_403(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_in_flight_request_is_answered_403(
+    two_nodes: Pair,
+) -> None:
+    a, b = two_nodes
     app = App()
     async with uvicorn_server(BanMiddleware(app, b)) as port:
         async with client(port, "127.0.0.33") as http, anyio.create_task_group() as tg:
@@ -126,8 +118,8 @@ async def test_in_flight_request_is_answered_403(nodes: tuple[banbus.Node, banbu
         assert app.cancelled == ["/hang"]
 
 
-async def test_streaming_response_is_cut(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_streaming_response_is_cut(two_nodes: Pair) -> None:
+    a, b = two_nodes
     app = App()
     async with uvicorn_server(BanMiddleware(app, b)) as port:
         async with client(port, "127.0.0.34") as http, client(port, "127.0.0.35") as other:
@@ -142,8 +134,8 @@ async def test_streaming_response_is_cut(nodes: tuple[banbus.Node, banbus.Node])
         assert app.cancelled == ["/stream"]
 
 
-async def test_websocket_is_closed_1008(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_websocket_is_closed_1008(two_nodes: Pair) -> None:
+    a, b = two_nodes
     app = App()
     async with uvicorn_server(BanMiddleware(app, b)) as port:
         uri = f"ws://127.0.0.1:{port}/ws"
@@ -164,9 +156,9 @@ async def test_websocket_is_closed_1008(nodes: tuple[banbus.Node, banbus.Node]) 
 
 
 async def test_forwarded_headers_only_from_trusted_proxies(
-    nodes: tuple[banbus.Node, banbus.Node],
+    two_nodes: Pair,
 ) -> None:
-    a, b = nodes
+    a, b = two_nodes
     record = await a.ban("203.0.113.66")
     await b.wait_for_seq(record.seq)
     app = BanMiddleware(App(), b, trusted_proxies=("127.0.0.1", "10.0.0.0/8"))
@@ -198,8 +190,10 @@ async def test_forwarded_headers_only_from_trusted_proxies(
             assert (await banned.get("/", headers=xff)).status_code == 403
 
 
-async def test_ban_behind_proxy_cuts_in_flight_call(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_ban_behind_proxy_cuts_in_flight_call(
+    two_nodes: Pair,
+) -> None:
+    a, b = two_nodes
     app = App()
     async with uvicorn_server(BanMiddleware(app, b, trusted_proxies=["127.0.0.1"])) as port:
         async with client(port, "127.0.0.1") as proxy, anyio.create_task_group() as tg:
@@ -227,10 +221,10 @@ def forwarded_for(header: str, address: str) -> str:
     ("header", "other"), [("forwarded", "x-forwarded-for"), ("x-forwarded-for", "forwarded")]
 )
 async def test_only_the_configured_forwarded_header_names_the_client(
-    nodes: tuple[banbus.Node, banbus.Node], header: str, other: str
+    two_nodes: Pair, header: str, other: str
 ) -> None:
     """Refusal and tracking both use the configured header; the other one is ignored."""
-    a, b = nodes
+    a, b = two_nodes
     proxy_ip, banned_ip, honest_ip, late_ip = "127.0.0.51", "127.0.0.52", "127.0.0.53", "127.0.0.54"
     record = await a.ban(banned_ip)
     await b.wait_for_seq(record.seq)

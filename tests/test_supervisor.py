@@ -24,7 +24,9 @@ from ._net import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import Callable
+
+    from ._helpers import Pair
 
 # -- unit: the index, with a fake node ------------------------------------------------------
 
@@ -221,18 +223,11 @@ def test_many_distinct_addresses_stay_sorted() -> None:
 # -- integration: real nodes, real sockets ---------------------------------------------------
 
 
-@pytest.fixture
-async def nodes(redis_url: str, namespace: str) -> AsyncIterator[tuple[banbus.Node, banbus.Node]]:
-    async with (
-        banbus.Node(redis_url, namespace=namespace, node_id="a") as a,
-        banbus.Node(redis_url, namespace=namespace, node_id="b") as b,
-    ):
-        yield a, b
-
-
 @pytest.mark.anyio
-async def test_streams_server_ban_from_other_node(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_streams_server_ban_from_other_node(
+    two_nodes: Pair,
+) -> None:
+    a, b = two_nodes
     async with streams_server(b) as port:
         attacker = await HTTPClient.open("127.0.0.1", port, "127.0.0.5")
         bystander = await HTTPClient.open("127.0.0.1", port, "127.0.0.6")
@@ -295,8 +290,8 @@ async def test_streams_server_own_ban_from_handler(redis_url: str, namespace: st
 
 
 @pytest.mark.anyio
-async def test_cidr_ban_cuts_all_covered_peers(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_cidr_ban_cuts_all_covered_peers(two_nodes: Pair) -> None:
+    a, b = two_nodes
     async with streams_server(b) as port:
         inside = [await HTTPClient.open("127.0.0.1", port, f"127.0.0.{i}") for i in (17, 18, 30)]
         outside = await HTTPClient.open("127.0.0.1", port, "127.0.0.40")
@@ -316,8 +311,8 @@ async def test_cidr_ban_cuts_all_covered_peers(nodes: tuple[banbus.Node, banbus.
 
 
 @pytest.mark.anyio
-async def test_dual_stack_ipv6_and_mapped_peers(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_dual_stack_ipv6_and_mapped_peers(two_nodes: Pair) -> None:
+    a, b = two_nodes
     async with streams_server(b, dual_stack=True) as port:
         v6 = await HTTPClient.open("::1", port, "::1")
         mapped = await HTTPClient.open("127.0.0.1", port, "127.0.0.21")
@@ -344,10 +339,8 @@ async def test_dual_stack_ipv6_and_mapped_peers(nodes: tuple[banbus.Node, banbus
 
 @pytest.mark.anyio
 @pytest.mark.real_redis
-async def test_ban_via_redis_cli_fcall(
-    nodes: tuple[banbus.Node, banbus.Node], redis_url: str, namespace: str
-) -> None:
-    _, b = nodes
+async def test_ban_via_redis_cli_fcall(two_nodes: Pair, redis_url: str, namespace: str) -> None:
+    _, b = two_nodes
     port_no = redis_url.rsplit(":", 1)[1].split("/")[0]
     async with streams_server(b) as port:
         client = await HTTPClient.open("127.0.0.1", port, "127.0.0.23")
@@ -378,8 +371,10 @@ async def test_ban_via_redis_cli_fcall(
 
 
 @pytest.mark.anyio
-async def test_graceful_close_mode_and_port_filter(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_graceful_close_mode_and_port_filter(
+    two_nodes: Pair,
+) -> None:
+    a, b = two_nodes
     async with streams_server(b, mode="close") as port, streams_server(b) as other_port:
         b.supervisor.configure(ports={port})
         try:
@@ -418,8 +413,8 @@ class EchoProtocol(asyncio.Protocol):
 
 
 @pytest.mark.anyio
-async def test_protocol_factory(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_protocol_factory(two_nodes: Pair) -> None:
+    a, b = two_nodes
     log: list[str] = []
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
@@ -454,8 +449,8 @@ async def test_protocol_factory(nodes: tuple[banbus.Node, banbus.Node]) -> None:
 
 
 @pytest.mark.anyio
-async def test_anyio_listener(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_anyio_listener(two_nodes: Pair) -> None:
+    a, b = two_nodes
     finished: list[str] = []
 
     async def echo(stream: anyio.abc.SocketStream) -> None:
@@ -500,8 +495,8 @@ async def test_anyio_listener(nodes: tuple[banbus.Node, banbus.Node]) -> None:
 
 
 @pytest.mark.anyio
-async def test_generic_track_raw_socket(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_generic_track_raw_socket(two_nodes: Pair) -> None:
+    a, b = two_nodes
     server = listening_socket()
     server.setblocking(True)
     port = server.getsockname()[1]
@@ -522,8 +517,8 @@ async def test_generic_track_raw_socket(nodes: tuple[banbus.Node, banbus.Node]) 
 
 
 @pytest.mark.anyio
-async def test_streams_handler_return_untracks(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    _, b = nodes
+async def test_streams_handler_return_untracks(two_nodes: Pair) -> None:
+    _, b = two_nodes
     protected = b.protect(http_handler)
     done = anyio.Event()
 

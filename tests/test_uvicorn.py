@@ -17,22 +17,15 @@ from ._net import ConnectionGone, HTTPClient, refused, sync_marker, uvicorn_serv
 from .test_asgi import App
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from ._helpers import Pair
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def nodes(redis_url: str, namespace: str) -> AsyncIterator[tuple[banbus.Node, banbus.Node]]:
-    async with (
-        banbus.Node(redis_url, namespace=namespace, node_id="a") as a,
-        banbus.Node(redis_url, namespace=namespace, node_id="b") as b,
-    ):
-        yield a, b
-
-
-async def test_idle_keep_alive_connection_is_cut(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_idle_keep_alive_connection_is_cut(
+    two_nodes: Pair,
+) -> None:
+    a, b = two_nodes
     async with uvicorn_server(BanMiddleware(App(), b), b) as port:
         attacker = await HTTPClient.open("127.0.0.1", port, "127.0.0.41")
         bystander = await HTTPClient.open("127.0.0.1", port, "127.0.0.42")
@@ -61,8 +54,8 @@ async def test_idle_keep_alive_connection_is_cut(nodes: tuple[banbus.Node, banbu
             await bystander.aclose()
 
 
-async def test_dual_stack_cidr_and_ipv6(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_dual_stack_cidr_and_ipv6(two_nodes: Pair) -> None:
+    a, b = two_nodes
     async with uvicorn_server(BanMiddleware(App(), b), b, dual_stack=True) as port:
         mapped = [await HTTPClient.open("127.0.0.1", port, f"127.0.0.{i}") for i in (49, 50)]
         v6 = await HTTPClient.open("::1", port, "::1")
@@ -85,8 +78,8 @@ async def test_dual_stack_cidr_and_ipv6(nodes: tuple[banbus.Node, banbus.Node]) 
                 await c.aclose()
 
 
-async def test_upgraded_websocket_is_cut(nodes: tuple[banbus.Node, banbus.Node]) -> None:
-    a, b = nodes
+async def test_upgraded_websocket_is_cut(two_nodes: Pair) -> None:
+    a, b = two_nodes
     async with uvicorn_server(App(), b) as port:
         uri = f"ws://127.0.0.1:{port}/ws"
         async with ws_connect(uri, local_addr=("127.0.0.43", 0)) as ws:
