@@ -59,7 +59,7 @@ import anyio.lowlevel
 import redis.exceptions as redis_errors
 
 from ._digest import Digest, entry_hash
-from ._exceptions import BanbusError, RedisUnavailable
+from ._exceptions import BanbusError
 from ._model import Allow, Ban, Entry
 from ._publisher import Reply, Write
 
@@ -171,7 +171,7 @@ class Reseeder:
                         await self._restore()
                         await self._unlock()
                         continue
-                except (RedisUnavailable, redis_errors.RedisError, OSError) as exc:
+                except (BanbusError, redis_errors.RedisError, OSError) as exc:
                     log.warning("banbus: re-seeding %r paused: %s", self._keys.namespace, exc)
                 # Another node re-seeds (its events resolve our candidates) or
                 # Redis is away: wait and look again.
