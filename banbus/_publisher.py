@@ -86,6 +86,8 @@ _TRANSIENT_ERRORS: Final = (
     redis_errors.TryAgainError,
     redis_errors.ClusterDownError,
 )
+#: Write round trips in flight at once (well under redis-py's default pool of 100).
+_CONCURRENCY: Final = 32
 #: How far before a write's first attempt its retry looks for it in the
 #: stream: covers the error of this node's server-clock estimate.
 _RETRY_MARGIN_MS: Final = 5_000
@@ -230,6 +232,8 @@ class Publisher:
         self._foreign: list[Write] = []
         self._order = 0
         self.outbox: deque[Write] = deque()
+        #: Round trips in flight at most (the rest wait their turn).
+        self._slots = anyio.Semaphore(_CONCURRENCY)
         self._wakeup = anyio.Event()
         self.stats = dict.fromkeys(("expired", "refused", "duplicates", "unverified", "retries"), 0)
 
@@ -624,6 +628,13 @@ class Publisher:
         raise AssertionError("unreachable")
 
     async def _roundtrip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        # A burst of writes waits here rather than exhausting the client's
+        # pool (redis-py's default pool refuses a 101st connection, which
+        # would read as "Redis unreachable" and send everything to the outbox).
+        async with self._slots:
+            return await self._roundtrip_on_a_connection(commands)
+
+    async def _roundtrip_on_a_connection(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         pool = self._client.connection_pool
         try:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
