@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -38,13 +39,25 @@ from ._helpers import (
 )
 from ._proxy import Proxy
 
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
 pytestmark = pytest.mark.anyio
 
 
-def _host_port(url: str) -> tuple[str, int]:
-    hostport = url.split("://", 1)[1].split("/", 1)[0]
+@asynccontextmanager
+async def proxied_pair(redis_url: str, namespace: str) -> AsyncIterator[tuple[Proxy, Node, Node]]:
+    """Node ``a`` behind a breakable proxy, node ``b`` direct; both past a first event."""
+    hostport = redis_url.split("://", 1)[1].split("/", 1)[0]
     host, _, port = hostport.rpartition(":")
-    return host, int(port)
+    async with Proxy(host, int(port)) as proxy:
+        async with (
+            Node(proxy.url, namespace=namespace, node_id="a", backoff=(0.02, 0.1)) as a,
+            Node(redis_url, namespace=namespace, node_id="b") as b,
+        ):
+            warmup = await b.ban("192.0.2.1")
+            await synced(warmup.seq, a)
+            yield proxy, a, b
 
 
 # -- 1. an own write that expires while queued -----------------------------------------------
@@ -60,36 +73,28 @@ async def test_own_write_expiring_in_the_outbox_leaves_no_trace(
     and reloads: T must stay banned (b's permanent ban), and nothing of a's
     dead write may linger.
     """
-    async with Proxy(*_host_port(redis_url)) as proxy:
-        async with (
-            Node(proxy.url, namespace=namespace, node_id="a", backoff=(0.02, 0.1)) as a,
-            Node(redis_url, namespace=namespace, node_id="b") as b,
-        ):
-            warmup = await b.ban("192.0.2.1")
-            await synced(warmup.seq, a)
-            proxy.refuse()
-            queued = await a.ban("203.0.113.5", ttl=1, reason="short")
-            assert queued.seq == 0 and a.is_banned("203.0.113.5")
-            forever = await b.ban("203.0.113.5", reason="for good")
-            assert forever.expires == 0
-            for i in range(5):  # more history, then trim it past a
-                await b.ban(f"192.0.2.{10 + i}")
-            await admin.xtrim(keys(namespace).log, maxlen=1, approximate=False)
-            # Wait on a's own server clock until its queued ban has run out.
-            await eventually(
-                lambda: a.server_time() > queued.expires + 50, 5.0, "queued ban expires"
-            )
-            proxy.accept()
-            await eventually(
-                lambda: a.statistics().resyncs >= 1 and a.statistics().writes_pending == 0,
-                10.0,
-                "a reloads, and drops its dead write",
-            )
-            await caught_up(admin, namespace, a, b)
-            assert a.is_banned("203.0.113.5"), "the permanent ban must win"
-            stats = a.statistics()
-            assert (stats.writes_expired, stats.writes_pending, stats.outbox_pending) == (1, 0, 0)
-            await assert_converged(admin, namespace, a, b)
+    async with proxied_pair(redis_url, namespace) as (proxy, a, b):
+        proxy.refuse()
+        queued = await a.ban("203.0.113.5", ttl=1, reason="short")
+        assert queued.seq == 0 and a.is_banned("203.0.113.5")
+        forever = await b.ban("203.0.113.5", reason="for good")
+        assert forever.expires == 0
+        for i in range(5):  # more history, then trim it past a
+            await b.ban(f"192.0.2.{10 + i}")
+        await admin.xtrim(keys(namespace).log, maxlen=1, approximate=False)
+        # Wait on a's own server clock until its queued ban has run out.
+        await eventually(lambda: a.server_time() > queued.expires + 50, 5.0, "queued ban expires")
+        proxy.accept()
+        await eventually(
+            lambda: a.statistics().resyncs >= 1 and a.statistics().writes_pending == 0,
+            10.0,
+            "a reloads, and drops its dead write",
+        )
+        await caught_up(admin, namespace, a, b)
+        assert a.is_banned("203.0.113.5"), "the permanent ban must win"
+        stats = a.statistics()
+        assert (stats.writes_expired, stats.writes_pending, stats.outbox_pending) == (1, 0, 0)
+        await assert_converged(admin, namespace, a, b)
 
 
 # -- 2. an own write whose reply is slow during a resync -------------------------------------
@@ -103,31 +108,23 @@ async def test_slow_reply_during_a_resync_takes_the_records_word(
     The reply's seq is at or before the snapshot a now holds: the record
     decided (unbanned), and a must follow it rather than keep its own ban.
     """
-    async with Proxy(*_host_port(redis_url)) as proxy:
-        async with (
-            Node(proxy.url, namespace=namespace, node_id="a", backoff=(0.02, 0.1)) as a,
-            Node(redis_url, namespace=namespace, node_id="b") as b,
-        ):
-            warmup = await b.ban("192.0.2.1")
-            await synced(warmup.seq, a)
-            proxy.hold("reader")  # a reads nothing for now
-            proxy.hold("client", "down")  # and gets no replies to its writes
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(a.ban, "203.0.113.7", 0, "mine")
-                # Redis has applied it (the reply is held in the proxy).
-                await until(
-                    lambda: admin.hexists(keys(namespace).bans, "203.0.113.7"), 5.0, "applied"
-                )
-                assert a.is_banned("203.0.113.7")
-                assert await b.unban("203.0.113.7")
-                await admin.xtrim(keys(namespace).log, maxlen=1, approximate=False)
-                resyncs = a.statistics().resyncs
-                proxy.release("reader")
-                await eventually(lambda: a.statistics().resyncs > resyncs, 10.0, "a reloads")
-                proxy.release("client", "down")  # now the ban's reply arrives
-            assert not a.is_banned("203.0.113.7"), "b's later unban is the record's word"
-            assert a.statistics().writes_pending == 0
-            await assert_converged(admin, namespace, a, b)
+    async with proxied_pair(redis_url, namespace) as (proxy, a, b):
+        proxy.hold("reader")  # a reads nothing for now
+        proxy.hold("client", "down")  # and gets no replies to its writes
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.ban, "203.0.113.7", 0, "mine")
+            # Redis has applied it (the reply is held in the proxy).
+            await until(lambda: admin.hexists(keys(namespace).bans, "203.0.113.7"), 5.0, "applied")
+            assert a.is_banned("203.0.113.7")
+            assert await b.unban("203.0.113.7")
+            await admin.xtrim(keys(namespace).log, maxlen=1, approximate=False)
+            resyncs = a.statistics().resyncs
+            proxy.release("reader")
+            await eventually(lambda: a.statistics().resyncs > resyncs, 10.0, "a reloads")
+            proxy.release("client", "down")  # now the ban's reply arrives
+        assert not a.is_banned("203.0.113.7"), "b's later unban is the record's word"
+        assert a.statistics().writes_pending == 0
+        await assert_converged(admin, namespace, a, b)
 
 
 # -- 3. the server clock is re-measured under steady traffic ---------------------------------
