@@ -702,12 +702,16 @@ class BanCache:
         generation = self._generation
         self._digest = None
         self._dirty_b, self._dirty_a = {}, {}
-        d1 = d2 = n = 0
-        done = 0
+        # Both lists before the first yield: what was there when this started.
+        kinds = []
         for kind, table, dirty in (("ban", self._bans, self._dirty_b),
                                    ("allow", self._allow, self._dirty_a)):  # fmt: skip
             targets: list[str] = [*table.exact, *table.nets]
             targets += [_ntop(_AF_INET, key.to_bytes(4, "big")) for key in list(table.packed)]
+            kinds.append((kind, table, dirty, targets))
+        d1 = d2 = n = 0
+        done = 0
+        for kind, table, dirty, targets in kinds:
             for target in targets:
                 if target in dirty:
                     before = dirty[target]

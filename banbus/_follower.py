@@ -433,6 +433,17 @@ class Follower:
         head_id, head_seq, epoch = str(state[0]), int(state[1]), str(state[2] or "")
         seq = self.seq
         mine_seq = _seq_of(mine[0][1]) if mine else None
+        if (
+            self.anomaly is None
+            and seq == head_seq
+            and last_id == head_id
+            and (self.epoch == epoch or not self.epoch)
+        ):
+            # At the library's last event: nothing was missed, whatever
+            # happened to the stream's older entries.
+            if not self.epoch and epoch:
+                self.epoch = epoch
+            return Verdict.OK
         if not self.epoch:
             if epoch and (seq == 0 or (mine_seq == seq and seq <= head_seq)):
                 # A namespace created after we started: our last entry is

@@ -990,9 +990,10 @@ local function write(fname, keys, args)
 
   -- 5. The event, then the record.  Redis has no rollback: everything that
   -- can fail (a WRONGTYPE, a stream that cannot take entries) fails before
-  -- the first change below, except the XADD itself, which goes first.
+  -- the first change below (the purge above only removes what has expired),
+  -- except the XADD itself, which goes first and is checked.
   local epoch = ensure_epoch(ns, time)
-  local seq = redis.call('INCR', key(ns, 'seq'))
+  local seq = (tonumber(redis.call('GET', key(ns, 'seq'))) or 0) + 1
   local eid = opts.eid or (epoch .. '-' .. fmt(seq))
   local id
   if adding then
@@ -1002,7 +1003,8 @@ local function write(fname, keys, args)
     id = xadd(ns, cfg.maxlen, now, {'op', spec.op, 'target', target, 'origin', opts.origin,
       'eid', eid, 'seq', fmt(seq)})
   end
-  if type(id) == 'table' then return id end  -- an error reply (seq skipped: readers resync)
+  if type(id) == 'table' then return id end  -- an error reply; the counter did not move
+  redis.call('SET', key(ns, 'seq'), seq)
   local delta = {0, 0}
   if old_exp then digest_delta(delta, spec.char, target, old_exp, -1) end
   if adding then
@@ -1035,11 +1037,12 @@ local function clear(keys, args)
     if entry then return duplicate_reply(ns, entry, '') end
   end
   local epoch = ensure_epoch(ns, time)
-  local seq = redis.call('INCR', key(ns, 'seq'))
+  local seq = (tonumber(redis.call('GET', key(ns, 'seq'))) or 0) + 1
   local eid = opts.eid or (epoch .. '-' .. fmt(seq))
   local id = xadd(ns, cfg.maxlen, now, {'op', 'clear', 'origin', opts.origin, 'eid', eid,
     'seq', fmt(seq)})
   if type(id) == 'table' then return id end
+  redis.call('SET', key(ns, 'seq'), seq)
   redis.call('DEL', key(ns, 'bans'), key(ns, 'bans:exp'), key(ns, 'allow'), key(ns, 'allow:exp'),
     key(ns, 'removed'))
   remember_removal(ns, '*', now)

@@ -338,6 +338,8 @@ class Publisher:
         heapq.heappush(self._answered, (reply.seq, self._order, write))
 
     def _queue(self, write: Write) -> None:
+        if write.state == "done":
+            return  # its own event came back while its answer was lost: it landed
         write.state = "queued"
         self.outbox.append(write)
         self._wakeup.set()
@@ -467,14 +469,34 @@ class Publisher:
             slot.writes.remove(write)
 
     def prune(self) -> None:
-        """Drop queued writes whose ban ran out while they waited (they never reach Redis)."""
+        """Drop queued writes that need no sending any more.
+
+        A ban that ran out while it waited never reaches Redis; a write whose
+        own event came back on the stream (it landed before its answer was
+        lost) is done.  A write being sent right now is left to its sender.
+        """
         if not self.outbox:
             return
         now = self._clock.now()
-        for write in [w for w in self.outbox if w.adds and w.args(now) is None]:
-            self.outbox.remove(write)
-            self.stats["expired"] += 1
-            self._release(write)
+        for write in list(self.outbox):
+            if write.state == "done":
+                self.outbox.remove(write)
+            elif write.state == "queued" and write.adds and write.args(now) is None:
+                self.outbox.remove(write)
+                self.stats["expired"] += 1
+                self._release(write)
+
+    def rebase(self, kind: Kind, target: str, entry: Entry | None) -> bool:
+        """If own writes are pending on *target*, put *entry* under them and re-fold.
+
+        Returns False when there are none (the caller sets the view itself).
+        """
+        slot = (self.slots_b if kind == "ban" else self.slots_a).get(target)
+        if slot is None:
+            return False
+        slot.base = entry
+        self._refold(kind, target, slot)
+        return True
 
     def bases(self) -> Iterator[tuple[Kind, str, Entry | None]]:
         """Each slotted target with the record's entry under it (for the digest)."""
@@ -493,7 +515,12 @@ class Publisher:
     # -- the outbox ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Publish queued writes, in order, with capped, jittered backoff."""
+        """Publish queued writes, in order, with capped, jittered backoff.
+
+        Never dies of a failure: whatever goes wrong (Redis away or busy, the
+        library missing and not reloadable, an answer not understood), the
+        write stays queued and is tried again later.
+        """
         delay = self._backoff[0]
         while True:
             await self._wakeup.wait()
@@ -508,10 +535,16 @@ class Publisher:
                     write.since = self._clock.now() - _RETRY_MARGIN_MS
                 try:
                     reply = (await self.call_writes([write]))[0]
-                except RedisUnavailable as exc:
+                except Exception as exc:
                     if isinstance(exc, Unreachable):
                         write.ambiguous = write.ambiguous or exc.sent
-                    write.state = "queued"
+                    elif not isinstance(exc, RedisUnavailable):
+                        write.ambiguous = True
+                        log.warning("banbus: queued %s %s could not be sent (%s: %s); will "
+                                    "retry", write.function, write.event.target,
+                                    type(exc).__name__, exc)  # fmt: skip
+                    if write.state == "sending":
+                        write.state = "queued"
                     # Back off — but try again at once when the reader
                     # reconnects (kick()).
                     with anyio.move_on_after(delay * random.uniform(0.5, 1.0)):
@@ -520,10 +553,12 @@ class Publisher:
                     delay = min(delay * 2, self._backoff[1])
                     continue
                 except BaseException:
-                    write.state = "queued"
+                    if write.state == "sending":
+                        write.state = "queued"
                     write.ambiguous = True
                     raise
-                self.outbox.popleft()
+                if self.outbox and self.outbox[0] is write:
+                    self.outbox.popleft()
                 if isinstance(reply, BaseException):
                     log.error("banbus: the server refused queued %s %s: %s; undone here",
                               write.function, write.event.target, reply)  # fmt: skip
@@ -616,6 +651,10 @@ class Publisher:
                     await ensure_library(self._client)
                 except RedisUnavailable as exc:
                     raise Unreachable(str(exc), sent=False) from exc
+                except BanbusError as exc:
+                    # Not this node's to load (ACL): the write waits until
+                    # someone does — an operator, another node.
+                    raise RedisUnavailable(f"the function library is missing: {exc}") from exc
                 continue
             busy = next(
                 (r for r in replies if isinstance(r, redis_errors.ResponseError)

@@ -195,12 +195,13 @@ class Reader:
         cache = self._cache
         if loss:
             self.stats["losses"] += 1
+        # Removals at or after the last event this node saw before the loss
+        # beat a re-seed (fixed now: a retried attempt must not move it).
+        since = min(int(follower.last_id.partition("-")[0]), self._clock.now())
         for _attempt in range(10):
             snap = await take(conn, self._keys, clock=self._clock, scan_count=self._scan_count,
                               skip=follower.skip)  # fmt: skip
             candidates = self._reseeder.collect(snap) if loss and not first else []
-            # Removals at or after the last event this node saw beat a re-seed.
-            since = min(int(follower.last_id.partition("-")[0]), self._clock.now())
             allowed_before = cache.allow_targets()
             newly = cache.replace(snap.bans, snap.allows)
             follower.reset(snap.head_id, snap.seq, snap.epoch)
@@ -216,7 +217,11 @@ class Reader:
                          cache.ban_count)  # fmt: skip
                 for target in newly:
                     self._notify(target)
-            head_id, _, _ = await follower.head(conn)
+            head_id, _, epoch = await follower.head(conn)
+            if epoch != snap.epoch:
+                # The namespace was reset during the scan: again, as a loss.
+                loss = loss or bool(snap.epoch)
+                continue
             while True:
                 if await follower.follow(conn, until=head_id) == "caught_up":
                     return

@@ -59,7 +59,7 @@ import anyio.lowlevel
 import redis.exceptions as redis_errors
 
 from ._digest import Digest, entry_hash
-from ._exceptions import BanbusError
+from ._exceptions import BanbusError, InvalidInput
 from ._model import Allow, Ban, Entry
 from ._publisher import Reply, Write
 
@@ -117,9 +117,11 @@ class Reseeder:
         return bool(self.held_b or self.held_a)
 
     def collect(self, snapshot: Snapshot) -> list[tuple[Kind, str, Entry]]:
-        """What the view holds that *snapshot* lacks (call before installing it).
+        """What the record held, as far as this view knows, that *snapshot* lacks.
 
-        Targets with own writes still unanswered are left to the publisher.
+        Call it before installing the snapshot.  Under own pending writes it
+        is the entry they were folded over (their base): the publisher keeps
+        the writes themselves.
         """
         if not self.enabled:
             return []
@@ -132,23 +134,33 @@ class Reseeder:
         for kind, present, slots in kinds:
             for record in self._cache.records(kind):
                 target = record.target
-                if target in present or (record.expires and record.expires <= now):
-                    continue
-                slot = slots.get(target)
-                if slot is not None and any(w.state != "answered" for w in slot.writes):
+                if target in present or target in slots:
                     continue
                 entry = Entry(record.expires, record.reason, record.origin, record.seq)
                 out.append((kind, target, entry))
+            for target, slot in slots.items():
+                base = slot.base
+                if target in present or base is None:
+                    continue
+                if base.expires and base.expires <= now:
+                    continue
+                out.append((kind, target, base))
         return out
 
     def hold(self, candidates: list[tuple[Kind, str, Entry]], since: int) -> None:
-        """Keep *candidates* enforced over the new snapshot and start restoring them."""
+        """Keep *candidates* enforced over the new snapshot and start restoring them.
+
+        *since*: the server time of the last event seen before the loss;
+        removals at or after it win.  Candidates still held from an earlier
+        loss keep the earlier (smaller) one.
+        """
         if not candidates:
             return
-        self._since = since
+        self._since = min(self._since, since) if self.busy else since
         for kind, target, entry in candidates:
             (self.held_b if kind == "ban" else self.held_a)[target] = entry
-            self._cache.put(kind, target, entry)
+            if not self._publisher.rebase(kind, target, entry):
+                self._cache.put(kind, target, entry)
         self.stats["candidates"] += len(candidates)
         log.warning("banbus: %d entries held here are missing from %r; restoring them "
                     "(unless removed since)", len(candidates), self._keys.namespace)  # fmt: skip
@@ -179,14 +191,17 @@ class Reseeder:
                 delay = min(delay * 2, 1.0)
 
     async def _lock(self) -> bool:
-        won = await self._client.set(self._keys.reseed, self._node_id, nx=True, px=_LOCK_MS)
-        return bool(won)
+        """Take the lock, or find it ours already (a pass that paused on an error)."""
+        if await self._client.set(self._keys.reseed, self._node_id, nx=True, px=_LOCK_MS):
+            return True
+        return await self._owner() == self._node_id
+
+    async def _owner(self) -> str | None:
+        owner = await self._client.get(self._keys.reseed)
+        return owner.decode() if isinstance(owner, bytes) else owner
 
     async def _unlock(self) -> None:
-        owner = await self._client.get(self._keys.reseed)
-        if owner is not None and (owner.decode() if isinstance(owner, bytes) else owner) == (
-            self._node_id
-        ):
+        if await self._owner() == self._node_id:
             await self._client.delete(self._keys.reseed)
 
     async def _restore(self) -> None:
@@ -201,8 +216,14 @@ class Reseeder:
                                 eid=publisher.new_eid("r"))  # fmt: skip
                     batch.append(Write(event, force=True, reseed=self._since))
             replies = await publisher.call_writes(batch)
+            busy: BanbusError | None = None
             for write, reply in zip(batch, replies, strict=True):
-                self._settle(write, reply)
+                if isinstance(reply, BanbusError) and not isinstance(reply, InvalidInput):
+                    busy = reply  # not a verdict on the entry: it stays a candidate
+                else:
+                    self._settle(write, reply)
+            if busy is not None:
+                raise busy
             await self._client.pexpire(self._keys.reseed, _LOCK_MS)
         log.info("banbus: re-seeding %r done: %s", self._keys.namespace, self.stats)
 
@@ -222,7 +243,8 @@ class Reseeder:
             # Removed since the loss, refused, or expired meanwhile: the
             # record does not have it, so neither does this node.  (Written
             # or present: its event follows on the stream.)
-            self._cache.set_entry(write.kind, target, None)
+            if not self._publisher.rebase(write.kind, target, None):
+                self._cache.set_entry(write.kind, target, None)
 
 
 class AntiEntropy:
@@ -253,8 +275,10 @@ class AntiEntropy:
         self._next = 0.0
         #: The record's digest minus the view's, as calibrated after a reload.
         self._offset: Digest | None = None
-        #: The last difference seen (for the calibration after a clean verify).
+        #: The last difference seen (for the calibration after a clean verify),
+        #: and the one a reload before found (see accept()).
         self.difference: Digest | None = None
+        self._candidate: Digest | None = None
         self.stats = dict.fromkeys(("checks", "mismatches", "record_mismatch"), 0)
 
     def reloaded(self) -> None:
@@ -323,6 +347,7 @@ class AntiEntropy:
             return "ok"
         if self._offset is None and difference == Digest():
             self._offset = difference
+            self._candidate = None
             self.stats["record_mismatch"] = 0
             return "ok"
         self.difference = difference
@@ -330,12 +355,19 @@ class AntiEntropy:
         return "mismatch"
 
     def accept(self) -> bool:
-        """The stream is sound but the digests differ: calibrate if this is the first look.
+        """The stream is sound but the digests differ: is it the record's own difference?
 
-        Returns True when the difference was taken as the baseline (the record
-        differs from its own digest), False when the view must be reloaded.
+        Only right after a reload (the view is then the record), and only
+        when the same difference shows after two reloads in a row: a record
+        edited by hand differs from its digest every time, a view that
+        drifted does not after a reload.  Returns True when the difference
+        was taken as the baseline (reported once), False when the view must
+        be reloaded.
         """
         if self._offset is not None or self.difference is None:
+            return False
+        if self._candidate != self.difference:
+            self._candidate = self.difference  # reload once more, then look again
             return False
         self._offset = self.difference
         self.stats["record_mismatch"] = 1

@@ -542,3 +542,195 @@ async def test_huge_arguments_are_refused_at_once(
 
 def test_tombstone_cap_is_the_shared_limit() -> None:
     assert LIMITS["TOMBSTONE_LIMIT"] == TOMBSTONE_LIMIT
+
+
+# -- found by review: races and error paths -----------------------------------------------------
+
+
+def _write(node: Node, target: str, expires: int = 0) -> Any:
+    from banbus._model import Ban
+    from banbus._publisher import Write
+
+    publisher: Any = node._publisher
+    return Write(Ban(target=target, expires=expires, origin=node.node_id, eid=publisher.new_eid()))
+
+
+async def test_outbox_write_expiring_while_being_sent(
+    two_nodes: tuple[Node, Node], admin: aioredis.Redis, namespace: str
+) -> None:
+    """The outbox sends a ban; it runs out while the reply is slow; the next write still lands."""
+    a, _ = two_nodes
+    publisher: Any = a._publisher
+    real = publisher._roundtrip
+    slow = anyio.Event()
+
+    async def slow_roundtrip(commands: Any) -> Any:
+        await slow.wait()
+        return await real(commands)
+
+    publisher._roundtrip = slow_roundtrip
+    first = _write(a, "10.0.0.1", a.server_time() + 300)
+    second = _write(a, "10.0.0.2")
+    for write in (first, second):
+        publisher.hold(write)
+        publisher._queue(write)
+    # The first ban runs out while it is on the wire; the expiry sweep runs.
+    await eventually(lambda: a.server_time() > first.event.expires + 50, 5.0, "expiry")
+    publisher.prune()
+    publisher._roundtrip = real
+    slow.set()
+    await eventually(lambda: a.statistics().outbox_pending == 0, 10.0, "outbox drained")
+    await until(lambda: admin.hexists(keys(namespace).bans, "10.0.0.2"), 5.0, "second lands")
+    assert a.statistics().writes_pending == 0
+    await assert_converged(admin, namespace, a)
+
+
+async def test_outbox_survives_a_library_it_cannot_reload(
+    redis_factory: Any, namespace: str
+) -> None:
+    """Redis lost the functions and this node's user may not load them: writes wait, node lives."""
+    proc = redis_factory()
+    admin = aioredis.Redis.from_url(proc.url, decode_responses=True)
+    try:
+        from banbus._library import ensure_library
+
+        await ensure_library(admin)
+        await admin.execute_command(
+            "ACL", "SETUSER", "app", "on", ">pw", "~*", "&*", "+@all", "-function|load"
+        )
+        url = f"redis://app:pw@{proc.host}:{proc.port}/0"
+        async with Node(url, namespace=namespace, node_id="a", backoff=(0.02, 0.1)) as a:
+            await a.ban("10.0.0.1")
+            await admin.function_flush()
+            record = await a.ban("10.0.0.2")  # refused: queued, not fatal
+            assert record.seq == 0 and a.is_banned("10.0.0.2")
+            await eventually(lambda: a.statistics().outbox_pending == 1, 5.0, "queued")
+            await ensure_library(admin)  # an operator loads it
+            await eventually(lambda: a.statistics().outbox_pending == 0, 10.0, "published")
+            assert await admin.hexists(keys(namespace).bans, "10.0.0.2")
+    finally:
+        await admin.aclose()
+
+
+async def test_reseed_waits_out_a_busy_server(redis_factory: Any, namespace: str) -> None:
+    """OOM while re-seeding is not a verdict: the candidates stay held and are restored later."""
+    proc = redis_factory()
+    admin = aioredis.Redis.from_url(proc.url, decode_responses=True)
+    try:
+        async with nodes(proc.url, namespace, 1, block_ms=200) as (a,):
+            for i in range(5):
+                await a.ban(f"10.0.0.{i}")
+            reseeder: Any = a._reseeder
+            real_lock = reseeder._lock
+            oom = anyio.Event()
+
+            async def lock() -> bool:
+                won: bool = await real_lock()
+                if won and not oom.is_set():
+                    await admin.config_set("maxmemory", "1")  # full, right after the lock
+                    oom.set()
+                return won
+
+            reseeder._lock = lock
+            await admin.delete(*[k async for k in admin.scan_iter(match="{" + namespace + "}*")])
+            await oom.wait()
+            await eventually(lambda: a.statistics().losses >= 1, 5.0, "loss seen")
+            assert all(a.is_banned(f"10.0.0.{i}") for i in range(5))
+            assert a.statistics().reseed_lifted == 0
+            await admin.config_set("maxmemory", "0")
+            await eventually(lambda: a.statistics().reseed_written == 5, 15.0, "restored")
+            await assert_converged(admin, namespace, a)
+    finally:
+        await admin.aclose()
+
+
+def test_recompute_while_the_allowlist_changes() -> None:
+    """A digest recomputed in chunks sees each table as it was when it started."""
+    from banbus._digest import Digest, entry_hash
+    from banbus._model import Entry
+
+    def fresh(allows: list[str]) -> BanCache:
+        cache = BanCache(lambda: 1_000_000, digest=True)
+        bans = [(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", Entry(0)) for i in range(25_000)]
+        cache.replace(bans, [(t, Entry(0)) for t in allows])
+        return cache
+
+    cache = fresh(["192.0.2.1", "192.0.2.2"])
+    steps = cache.recompute()
+    next(steps)  # the first chunk of bans is done
+    cache.set_entry("allow", "192.0.2.1", None)  # a disallow applied meanwhile
+    for _ in steps:
+        pass
+    expected = Digest()
+    for i in range(25_000):
+        expected = expected.add(entry_hash("ban", f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 0))
+    expected = expected.add(entry_hash("allow", "192.0.2.2", 0))
+    assert cache.digest(0) == expected
+
+
+async def test_stream_deleted_with_the_head_intact_is_not_a_reload_loop(
+    admin: aioredis.Redis, namespace: str
+) -> None:
+    """Nothing was missed when the node is at the library's last event, stream or not."""
+    async with nodes(_url(admin), namespace, 1, block_ms=100) as (a,):
+        record = await a.ban("10.0.0.1")
+        await synced(record.seq, a)
+        await admin.delete(keys(namespace).log)
+        probes = a.statistics().clock_measurements
+        await eventually(
+            lambda: a.statistics().clock_measurements >= probes + 5, 10.0, "idle checks"
+        )
+        assert a.statistics().resyncs == 0
+        again = await a.ban("10.0.0.2")
+        await synced(again.seq, a)
+        await assert_converged(admin, namespace, a)
+
+
+def _url(admin: aioredis.Redis) -> str:
+    kwargs = admin.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/0"
+
+
+async def test_own_event_seen_before_the_retry_is_not_sent_again(
+    two_nodes: tuple[Node, Node], admin: aioredis.Redis, namespace: str
+) -> None:
+    """A write queued as ambiguous whose own event then arrives is done: never sent again."""
+    a, b = two_nodes
+    publisher: Any = a._publisher
+    real = publisher._roundtrip
+    go = anyio.Event()
+
+    async def held(commands: Any) -> Any:
+        await go.wait()
+        return await real(commands)
+
+    first = _write(a, "10.0.0.8")  # keeps the outbox busy
+    publisher.hold(first)
+    publisher._roundtrip = held
+    publisher._queue(first)
+    landed = _write(a, "10.0.0.9")
+    publisher.hold(landed)
+    reply = (await real([("FCALL", "banbus_ban", 1, namespace, "10.0.0.9", 0, "",
+                          "ORIGIN", "a", "EID", landed.event.eid)]))[0]  # fmt: skip
+    landed.ambiguous = True  # …its answer was "lost": queued for a retry
+    publisher._queue(landed)
+    await synced(int(reply[0]), a, b)  # its own event comes back first
+    publisher._roundtrip = real
+    go.set()
+    await eventually(lambda: a.statistics().outbox_pending == 0, 5.0, "drained")
+    events = [f for _, f in await admin.xrange(keys(namespace).log) if f["target"] == "10.0.0.9"]
+    assert len(events) == 1
+    assert a.statistics().retries_duplicate == 0  # not even retried
+    assert a.statistics().writes_pending == 0
+
+
+async def test_failed_xadd_moves_nothing(admin: aioredis.Redis, namespace: str) -> None:
+    """A write whose event cannot be appended leaves the counter and the record alone."""
+    k = keys(namespace)
+    await admin.fcall("banbus_ban", 1, namespace, "10.0.0.1", 0)
+    await admin.delete(k.log)
+    await admin.set(k.log, "not a stream")
+    with pytest.raises(redis_errors.ResponseError):
+        await admin.fcall("banbus_ban", 1, namespace, "10.0.0.2", 0)
+    assert await admin.get(k.seq) == "1"
+    assert not await admin.hexists(k.bans, "10.0.0.2")
