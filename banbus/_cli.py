@@ -211,7 +211,7 @@ async def _cmd_repair(client: aioredis.Redis, args: argparse.Namespace) -> int:
 
 async def _cmd_remove(client: aioredis.Redis, args: argparse.Namespace) -> int:
     reply = await client.fcall(
-        f"banbus_{args.command}", 1, args.namespace, args.canonical, "ORIGIN", "cli"
+        f"banbus_{args.command}", 1, args.namespace, args.canonical, "ORIGIN", "cli", "STATUS"
     )
     seq = int(reply[0])
     what = "ban on" if args.command == "unban" else "allowlist entry for"

@@ -10,11 +10,11 @@ Calls (KEYS[1] is the namespace NS, default "banbus"; keywords are
 case-insensitive):
 
   FCALL banbus_ban      1 NS target ttl [reason] [FORCE] [REPLACE] [ORIGIN name] [EID id]
-                                              [RETRY ms] [RESEED ms]
+                                              [RETRY ms] [RESEED ms] [STATUS]
   FCALL banbus_allow    1 NS target ttl [reason] [...the same options]
-  FCALL banbus_unban    1 NS target [ORIGIN name] [EID id] [RETRY ms] [FORCE]
-  FCALL banbus_disallow 1 NS target [ORIGIN name] [EID id] [RETRY ms] [FORCE]
-  FCALL banbus_clear    1 NS [ORIGIN name] [EID id] [RETRY ms]
+  FCALL banbus_unban    1 NS target [ORIGIN name] [EID id] [RETRY ms] [STATUS] [FORCE]
+  FCALL banbus_disallow 1 NS target [ORIGIN name] [EID id] [RETRY ms] [STATUS] [FORCE]
+  FCALL banbus_clear    1 NS [ORIGIN name] [EID id] [RETRY ms] [STATUS]
   FCALL banbus_repair   1 NS        -> {stream_repaired, digest_before, digest_after}
   FCALL_RO banbus_state   1 NS      -> {head_id, head_seq, epoch, server_ms, version}
   FCALL_RO banbus_digest  1 NS cutoff_ms -> {head_seq, head_id, status, d1, d2, n}
@@ -39,7 +39,10 @@ case-insensitive):
     only when the target is absent and was not removed at or after server
     time ms; otherwise nothing is written ('present' or 'lifted').
 
-  Writes reply {seq, stream_id, target, expires_ms, status, epoch}; status is one of
+  Writes reply {seq, stream_id, target, expires_ms} — with STATUS (and always
+  with RETRY or RESEED) {seq, stream_id, target, expires_ms, status, epoch}
+  (the short form is what library v3 answered: nodes of that version keep
+  working during a rolling upgrade).  Status is one of
   written, absent (a removal of a target that was not recorded: the event is
   written all the same, and the removal remembered), duplicate, unverified,
   present, lifted (the last two write nothing: seq 0, stream_id "").
@@ -572,7 +575,7 @@ end
 -- 'remove' (unban/disallow) or 'clear'.
 local function parse_options(args, first, kind, fname)
   local opts = {force = false, replace = false, origin = 'fcall', eid = nil, retry = nil,
-    reseed = nil}
+    reseed = nil, status = false}
   local seen = {}
   local i = first
   while i <= #args do
@@ -584,6 +587,8 @@ local function parse_options(args, first, kind, fname)
     local adding = kind == 'add'
     if word == 'FORCE' and kind ~= 'clear' then
       opts.force = true
+    elseif word == 'STATUS' then
+      opts.status = true
     elseif word == 'REPLACE' and adding then
       opts.replace = true
     elseif word == 'ORIGIN' or word == 'EID' or word == 'RETRY' or (word == 'RESEED' and adding) then
@@ -608,11 +613,11 @@ local function parse_options(args, first, kind, fname)
     else
       local expected
       if adding then
-        expected = 'FORCE, REPLACE, ORIGIN <name>, EID <id>, RETRY <ms> or RESEED <ms>'
+        expected = 'FORCE, REPLACE, ORIGIN <name>, EID <id>, RETRY <ms>, RESEED <ms> or STATUS'
       elseif kind == 'remove' then
-        expected = 'ORIGIN <name>, EID <id>, RETRY <ms> or FORCE'
+        expected = 'ORIGIN <name>, EID <id>, RETRY <ms>, STATUS or FORCE'
       else
-        expected = 'ORIGIN <name>, EID <id> or RETRY <ms>'
+        expected = 'ORIGIN <name>, EID <id>, RETRY <ms> or STATUS'
       end
       local hint = adding and ' (the reason, if any, is the third argument: use "" for none)' or ''
       fail('BANBUS_INVALID', 'option ' .. describe(args[i]) .. ' is unknown to ' .. fname
@@ -993,7 +998,7 @@ local function write(fname, keys, args)
   -- the first change below (the purge above only removes what has expired),
   -- except the XADD itself, which goes first and is checked.
   local epoch = ensure_epoch(ns, time)
-  local seq = (tonumber(redis.call('GET', key(ns, 'seq'))) or 0) + 1
+  local seq = redis.call('INCR', key(ns, 'seq'))
   local eid = opts.eid or (epoch .. '-' .. fmt(seq))
   local id
   if adding then
@@ -1003,8 +1008,10 @@ local function write(fname, keys, args)
     id = xadd(ns, cfg.maxlen, now, {'op', spec.op, 'target', target, 'origin', opts.origin,
       'eid', eid, 'seq', fmt(seq)})
   end
-  if type(id) == 'table' then return id end  -- an error reply; the counter did not move
-  redis.call('SET', key(ns, 'seq'), seq)
+  if type(id) == 'table' then
+    redis.call('DECR', key(ns, 'seq'))  -- no event: the counter does not move either
+    return id
+  end
   local delta = {0, 0}
   if old_exp then digest_delta(delta, spec.char, target, old_exp, -1) end
   if adding then
@@ -1023,7 +1030,10 @@ local function write(fname, keys, args)
     remember_removal(ns, spec.char .. ' ' .. target, now)
   end
   advance_head(ns, id, delta)
-  return {seq, id, target, expires, status, epoch}
+  if opts.status then
+    return {seq, id, target, expires, status, epoch}
+  end
+  return {seq, id, target, expires}
 end
 
 local function clear(keys, args)
@@ -1037,17 +1047,22 @@ local function clear(keys, args)
     if entry then return duplicate_reply(ns, entry, '') end
   end
   local epoch = ensure_epoch(ns, time)
-  local seq = (tonumber(redis.call('GET', key(ns, 'seq'))) or 0) + 1
+  local seq = redis.call('INCR', key(ns, 'seq'))
   local eid = opts.eid or (epoch .. '-' .. fmt(seq))
   local id = xadd(ns, cfg.maxlen, now, {'op', 'clear', 'origin', opts.origin, 'eid', eid,
     'seq', fmt(seq)})
-  if type(id) == 'table' then return id end
-  redis.call('SET', key(ns, 'seq'), seq)
+  if type(id) == 'table' then
+    redis.call('DECR', key(ns, 'seq'))
+    return id
+  end
   redis.call('DEL', key(ns, 'bans'), key(ns, 'bans:exp'), key(ns, 'allow'), key(ns, 'allow:exp'),
     key(ns, 'removed'))
   remember_removal(ns, '*', now)
   redis.call('HSET', key(ns, 'head'), 'id', id, 'd1', 0, 'd2', 0)
-  return {seq, id, '', 0, 'written', epoch}
+  if opts.status then
+    return {seq, id, '', 0, 'written', epoch}
+  end
+  return {seq, id, '', 0}
 end
 
 local function repair(keys, args)

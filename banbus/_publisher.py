@@ -166,7 +166,7 @@ class Write:
                 args += ["RESEED", self.reseed]
         if self.force:
             args.append("FORCE")
-        args += ["ORIGIN", event.origin, "EID", event.eid]
+        args += ["ORIGIN", event.origin, "EID", event.eid, "STATUS"]
         if self.ambiguous:
             args += ["RETRY", max(0, self.since)]
         return args

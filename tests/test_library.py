@@ -64,8 +64,14 @@ def code_with_version(version: int) -> str:
     return code
 
 
-async def fcall(r: AsyncRedis, function: str, ns: str, *args: Any) -> Any:
-    """FCALL with the library's errors translated like banbus does."""
+_WRITES = ("banbus_ban", "banbus_allow", "banbus_unban", "banbus_disallow", "banbus_clear")
+
+
+async def fcall(r: AsyncRedis, function: str, ns: str, *args: Any, status: bool = True) -> Any:
+    """FCALL with the library's errors translated like banbus does (writes: with STATUS)."""
+    positional = 3 if function in ("banbus_ban", "banbus_allow") else 1
+    if status and function in _WRITES and (len(args) >= positional or function == "banbus_clear"):
+        args = (*args, "STATUS")
     try:
         return await r.fcall(function, 1, ns, *args)
     except ResponseError as exc:
@@ -635,7 +641,7 @@ async def test_refused_call_writes_nothing(
     await fcall(r, "banbus_allow", namespace, "192.0.2.9", "600", "existing")
     before = await snapshot(r, namespace)
     with pytest.raises(error) as info:
-        await fcall(r, function, namespace, *args)
+        await fcall(r, function, namespace, *args, status=False)
     assert type(info.value) is error
     assert await snapshot(r, namespace) == before
 
@@ -1001,3 +1007,12 @@ def test_digest_matches_python(
     _, _, status, d1, d2, n = sync_client.fcall_ro("banbus_digest", 1, ns, 0)
     assert status == b"ok"
     assert Digest(d1, d2, n) == expected
+
+
+@pytest.mark.anyio
+async def test_short_reply_without_status(r: AsyncRedis, namespace: str) -> None:
+    """Without STATUS a write answers as library v3 did: nodes of that version keep working."""
+    reply = await r.fcall("banbus_ban", 1, namespace, "203.0.113.7", 60, "", "EID", "v3-node.1")
+    assert len(reply) == 4 and reply[0] == 1 and reply[2] == "203.0.113.7"
+    assert len(await r.fcall("banbus_unban", 1, namespace, "203.0.113.7")) == 4
+    assert len(await r.fcall("banbus_clear", 1, namespace)) == 4
