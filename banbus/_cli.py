@@ -171,6 +171,11 @@ async def _run(args: argparse.Namespace) -> int:
         await client.aclose()
 
 
+def _key(args: argparse.Namespace) -> str:
+    """KEYS[1] of a function call: a key of the namespace (ACLs scoped to ``~{ns}:*``)."""
+    return namespace_keys(args.namespace).function_key
+
+
 def _safe_url(url: str) -> str:
     if "@" in url:
         scheme, _, rest = url.partition("://")
@@ -181,7 +186,7 @@ def _safe_url(url: str) -> str:
 async def _cmd_write(client: aioredis.Redis, args: argparse.Namespace) -> int:
     extra = [*(["FORCE"] if args.force else []), *(["REPLACE"] if args.replace else [])]
     reply = await client.fcall(
-        f"banbus_{args.command}", 1, args.namespace, args.canonical, args.seconds, args.reason,
+        f"banbus_{args.command}", 1, _key(args), args.canonical, args.seconds, args.reason,
         *extra, "ORIGIN", "cli",
     )  # fmt: skip
     seq, _sid, target, expires = reply[:4]
@@ -191,13 +196,13 @@ async def _cmd_write(client: aioredis.Redis, args: argparse.Namespace) -> int:
 
 
 async def _cmd_clear(client: aioredis.Redis, args: argparse.Namespace) -> int:
-    reply = await client.fcall("banbus_clear", 1, args.namespace, "ORIGIN", "cli")
+    reply = await client.fcall("banbus_clear", 1, _key(args), "ORIGIN", "cli")
     print(f"cleared namespace {args.namespace!r} (seq {int(reply[0])})")
     return EXIT_OK
 
 
 async def _cmd_repair(client: aioredis.Redis, args: argparse.Namespace) -> int:
-    fixed, before, after = await client.fcall("banbus_repair", 1, args.namespace)
+    fixed, before, after = await client.fcall("banbus_repair", 1, _key(args))
     before, after = _s(before), _s(after)
     if int(fixed):
         print(f"reset the ids of the stream of {args.namespace!r} ({int(fixed) - 1} entries "
@@ -211,7 +216,7 @@ async def _cmd_repair(client: aioredis.Redis, args: argparse.Namespace) -> int:
 
 async def _cmd_remove(client: aioredis.Redis, args: argparse.Namespace) -> int:
     reply = await client.fcall(
-        f"banbus_{args.command}", 1, args.namespace, args.canonical, "ORIGIN", "cli", "STATUS"
+        f"banbus_{args.command}", 1, _key(args), args.canonical, "ORIGIN", "cli", "STATUS"
     )
     seq = int(reply[0])
     what = "ban on" if args.command == "unban" else "allowlist entry for"

@@ -414,7 +414,7 @@ class Follower:
         """The library's head ``(id, seq, epoch)``; measures the clock on the way."""
         sent = self._clock.local()
         with anyio.fail_after(10.0):
-            state = await conn.call("FCALL_RO", "banbus_state", 1, self._keys.namespace)
+            state = await conn.call("FCALL_RO", "banbus_state", 1, self._keys.function_key)
         self._clock.observe(int(state[3]), sent, self._clock.local())
         return str(state[0]), int(state[1]), str(state[2] or "")
 
@@ -425,7 +425,7 @@ class Follower:
         last_id = self.last_id
         with anyio.fail_after(10.0):
             state, mine, first = await asyncio.gather(
-                conn.call("FCALL_RO", "banbus_state", 1, self._keys.namespace),
+                conn.call("FCALL_RO", "banbus_state", 1, self._keys.function_key),
                 conn.call("XRANGE", key, last_id, last_id),
                 conn.call("XRANGE", key, "-", "+", "COUNT", 1),
             )

@@ -126,6 +126,11 @@ class Keys(NamedTuple):
     config: str
     reseed: str
 
+    @property
+    def function_key(self) -> str:
+        """KEYS[1] of the function calls: a key of the namespace (ACLs may allow only those)."""
+        return self.log
+
 
 def namespace_keys(namespace: str) -> Keys:
     """The keys of *namespace* (all share the hash tag ``{namespace}``).

@@ -6,8 +6,9 @@ Every client (Python nodes, the banbus CLI, operators with redis-cli) goes
 through these functions, so they all get the same validation and the same
 atomic "update the record, index the expiry, append the event, trim the log".
 
-Calls (KEYS[1] is the namespace NS, default "banbus"; keywords are
-case-insensitive):
+Calls (KEYS[1] is the namespace NS, default "banbus", or any key of it such
+as "{banbus}:log" — what a user limited by ACL to ~{banbus}:* must pass;
+keywords are case-insensitive):
 
   FCALL banbus_ban      1 NS target ttl [reason] [FORCE] [REPLACE] [ORIGIN name] [EID id]
                                               [RETRY ms] [RESEED ms] [STATUS]
@@ -441,11 +442,16 @@ end
 -- Arguments
 -- ---------------------------------------------------------------------------
 
+-- KEYS[1] is the namespace itself ("banbus") or any key of it ("{banbus}:log"):
+-- a user whose ACL allows only ~{banbus}:* must pass a key of that form.
 local function namespace(keys, usage)
   if #keys ~= 1 then
     fail('BANBUS_INVALID', 'usage: ' .. usage)
   end
   local ns = keys[1]
+  if #ns <= 200 and string.byte(ns, 1) == 123 then  -- '{'
+    ns = string.match(ns, '^{([^{}]*)}:') or ns
+  end
   if #ns < 1 or #ns > 64 or string.find(ns, '[{}%s%z\1-\31\127]') then
     fail('BANBUS_INVALID', 'namespace ' .. describe(ns)
       .. ' must be 1 to 64 characters without braces, spaces or control characters')

@@ -114,6 +114,17 @@ def translate_error(exc: ResponseError) -> BanbusError:
     return ServerError(text)
 
 
+def tls_hint(exc: BaseException) -> str:
+    """Advice for a TLS failure (empty for anything else)."""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return (" — the server's certificate is not trusted: give the CA that signed it in the "
+                "URL (rediss://HOST:PORT/0?ssl_ca_certs=/path/ca.pem)")  # fmt: skip
+    if "SSL" in text or "TLS" in text:
+        return " — check the TLS options of the URL (ssl_ca_certs, ssl_certfile, ssl_keyfile)"
+    return ""
+
+
 def _function_missing(exc: ResponseError) -> bool:
     return "function not found" in str(exc).lower()
 
@@ -191,6 +202,7 @@ async def ensure_library(redis: redis.asyncio.Redis) -> int:
             return LIBRARY_VERSION
         raise ServerError("could not load the banbus function library: it kept changing")
     except (RedisConnectionError, RedisTimeoutError) as exc:
-        raise RedisUnavailable(f"cannot load the banbus function library: {exc}") from exc
+        raise RedisUnavailable(f"cannot load the banbus function library: {exc}"
+                               f"{tls_hint(exc)}") from exc  # fmt: skip
     except ResponseError as exc:
         raise ServerError(f"cannot load the banbus function library: {exc}") from exc

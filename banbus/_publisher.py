@@ -217,6 +217,9 @@ class Publisher:
     ) -> None:
         self._client = client
         self.namespace = namespace
+        #: KEYS[1] of the calls: a key of the namespace, so that ACLs scoped to
+        #: ``~{ns}:*`` allow them.
+        self._function_key = "{" + namespace + "}:log"
         self.node_id = node_id
         self._cache = cache
         self._clock = clock
@@ -595,7 +598,7 @@ class Publisher:
             if args is None:  # ran out before it could be sent: nothing to send
                 expired.add(index)
                 continue
-            commands.append(("FCALL", write.function, 1, self.namespace, *args))
+            commands.append(("FCALL", write.function, 1, self._function_key, *args))
         replies = iter(await self._execute(commands) if commands else ())
         out: list[Reply | BanbusError] = []
         for index, write in enumerate(writes):
@@ -611,7 +614,7 @@ class Publisher:
 
         :raises Unreachable | RedisUnavailable | BanbusError:
         """
-        reply = (await self._execute([("FCALL", function, 1, self.namespace, *args)]))[0]
+        reply = (await self._execute([("FCALL", function, 1, self._function_key, *args)]))[0]
         if isinstance(reply, BaseException):
             raise self._error(reply)
         return reply

@@ -325,7 +325,7 @@ class AntiEntropy:
         with anyio.fail_after(10.0):
             read = conn.call("XREAD", "COUNT", follower.batch, "STREAMS", self._keys.log,
                              follower.cursor, sink=on_read)  # fmt: skip
-            digest = conn.call("FCALL_RO", "banbus_digest", 1, self._keys.namespace, cutoff,
+            digest = conn.call("FCALL_RO", "banbus_digest", 1, self._keys.function_key, cutoff,
                                sink=on_digest)  # fmt: skip
             await read
             await digest

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl as _ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -28,6 +27,7 @@ import hiredis
 import redis.exceptions as redis_errors
 
 if TYPE_CHECKING:
+    import ssl as _ssl
     from collections.abc import Callable
 
     from redis.asyncio import Redis
@@ -111,15 +111,10 @@ def address_of(client: Redis) -> ServerAddress | None:
     if cls is UnixDomainSocketConnection or issubclass(cls, UnixDomainSocketConnection):
         return ServerAddress(path=kwargs["path"], **common)
     if cls is SSLConnection or issubclass(cls, SSLConnection):
-        context = _ssl.create_default_context(cafile=kwargs.get("ssl_ca_certs"))
-        if kwargs.get("ssl_certfile"):
-            context.load_cert_chain(kwargs["ssl_certfile"], kwargs.get("ssl_keyfile"))
-        reqs = kwargs.get("ssl_cert_reqs", "required")
-        if reqs in ("none", _ssl.CERT_NONE):
-            context.check_hostname = False
-            context.verify_mode = _ssl.CERT_NONE
-        else:
-            context.check_hostname = bool(kwargs.get("ssl_check_hostname", True))
+        # redis-py's own TLS context, from all of the client's ssl_* options
+        # (CA file/data/path, client certificate, min version, ciphers,
+        # hostname check…): a connection object is built, never connected.
+        context = cls(**kwargs).ssl_context.get()
         return ServerAddress(kwargs.get("host", "localhost"), int(kwargs.get("port", 6379)),
                              ssl=context, **common)  # fmt: skip
     if cls is Connection or issubclass(cls, Connection):
@@ -379,4 +374,6 @@ async def open_reader(address: ServerAddress | None, client: Redis, name: str) -
     except RespError as exc:
         raise ServerError(f"reader connection refused: {exc}") from exc
     except (OSError, TimeoutError, redis_errors.RedisError) as exc:
-        raise RedisUnavailable(f"cannot connect the reader: {exc}") from exc
+        from ._library import tls_hint
+
+        raise RedisUnavailable(f"cannot connect the reader: {exc}{tls_hint(exc)}") from exc

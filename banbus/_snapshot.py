@@ -76,7 +76,7 @@ async def take(
     """
     sent = clock.local()
     with anyio.fail_after(timeout):
-        state = await conn.call("FCALL_RO", "banbus_state", 1, keys.namespace)
+        state = await conn.call("FCALL_RO", "banbus_state", 1, keys.function_key)
     clock.observe(int(state[3]), sent, clock.local())
     bans = await _scan(conn, keys.bans, scan_count, skip, timeout)
     allows = await _scan(conn, keys.allow, scan_count, skip, timeout)
