@@ -69,8 +69,10 @@ class ServerClock:
     def __init__(self, local: Callable[[], int] = local_clock_ms, *, measured: bool = True) -> None:
         self._local = local
         self._measured = measured
-        #: Server time minus local time, ms.
-        self.offset = 0
+        #: Server time minus local time, ms.  Until the first measurement the
+        #: server's clock is taken to be this host's wall clock (a node that
+        #: starts from its state file while Redis is away plans expiry with it).
+        self.offset = time.time_ns() // 1_000_000 - local() if measured else 0
         #: Round trips used to set the offset.
         self.measurements = 0
         self._trusted_at: int | None = None
@@ -112,9 +114,12 @@ class ServerClock:
         self.offset = offset
         self.measurements += 1
         self._trusted_at = now
-        if abs(moved) > 1 and self.measurements > 1:
+        if abs(moved) > 1:
             if abs(moved) > 1000:
-                log.warning("banbus: the server clock moved %+d ms against ours", moved)
+                log.warning(
+                    "banbus: the server clock is %+d ms from %s",
+                    moved, "our last measurement" if self.measurements > 1 else "this host's",
+                )  # fmt: skip
             for callback in self._listeners:
                 callback()
         return True

@@ -50,6 +50,7 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
+import anyio.lowlevel
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from redis.asyncio.retry import Retry
@@ -57,15 +58,27 @@ from redis.backoff import NoBackoff
 
 from ._cache import BanCache
 from ._clock import ServerClock, local_clock_ms
-from ._exceptions import BanbusError, InvalidInput, NodeClosed, ServerError
+from ._exceptions import BanbusError, InvalidInput, NodeClosed, RedisUnavailable, ServerError
 from ._follower import Follower
 from ._keys import DEFAULT_MIN_PREFIX_V4, DEFAULT_MIN_PREFIX_V6, namespace_keys
 from ._library import ensure_library
-from ._model import Allow, Ban, BanRecord, Disallow, Unban, check_origin, check_reason, parse_ttl
+from ._model import (
+    Allow,
+    AnyEvent,
+    Ban,
+    BanRecord,
+    Disallow,
+    Entry,
+    Unban,
+    check_origin,
+    check_reason,
+    parse_ttl,
+)
 from ._publisher import Publisher, Write
 from ._reader import Reader
 from ._reseed import AntiEntropy, Reseeder
 from ._resp import address_of, open_reader
+from ._state import SavedOutbox, SavedView, SavedWrite, StateFile
 from ._statistics import NodeStatistics
 from ._targets import parse_target
 
@@ -116,6 +129,11 @@ class Node:
         tests that move time by hand).
     :param clock: the local monotonic clock in milliseconds (default: one
         that counts host suspension); tests inject a fake one.
+    :param state_file: keep the view and the outbox in this file (and
+        ``state_file + ".outbox"``), so that a restarted node enforces at
+        once — even while Redis is unreachable — and publishes writes it had
+        queued (see ``_state``).
+    :param state_interval: seconds between saves of the view, at least.
     """
 
     def __init__(
@@ -135,6 +153,8 @@ class Node:
         check_interval: float = 2.0,
         clock_interval: float | None = 2.0,
         clock: Callable[[], int] | None = None,
+        state_file: str | os.PathLike[str] | None = None,
+        state_interval: float = 1.0,
     ) -> None:
         self._keys = namespace_keys(namespace)
         self.namespace = namespace
@@ -178,6 +198,8 @@ class Node:
         self._reseeder: Reseeder | None = None
         self._antientropy: AntiEntropy | None = None
         self._reader: Reader | None = None
+        self._state_file = StateFile(state_file, namespace) if state_file is not None else None
+        self._state_interval = state_interval
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -200,8 +222,14 @@ class Node:
                 stack.push_async_callback(_aclose_shielded, client)
             self._client = client
             self._address = address_of(client)
+            saved = self._state_file.load() if self._state_file is not None else (None, None)
+            offline = saved != (None, None)
             try:
                 await ensure_library(client)
+            except RedisUnavailable as exc:
+                if not offline:
+                    raise
+                log.warning("banbus: %s starts from its state file; Redis: %s", self.node_id, exc)
             except BanbusError:
                 raise
             except redis_errors.RedisError as exc:
@@ -211,11 +239,16 @@ class Node:
             self._build(client, tg.start_soon)
             assert self._reader is not None and self._publisher is not None
             assert self._reseeder is not None
-            await tg.start(self._reader.run)
+            if offline:
+                self._restore(*saved)
+            await tg.start(self._reader.run, offline)
             tg.start_soon(self._expiry_task)
             tg.start_soon(self._publisher.run)
             tg.start_soon(self._reseeder.run)
             tg.start_soon(self._clock.run, self._server_time, self._clock_interval or 1.0)
+            if self._state_file is not None:
+                tg.start_soon(self._save_state)
+                stack.push_async_callback(self._save_state_now)
         except BaseException:
             self._state = "closed"
             await stack.aclose()
@@ -547,6 +580,98 @@ class Node:
             if cache.pending_changes > 100_000:
                 cache.fold_some(10_000)
 
+    # -- the state file (see _state) ------------------------------------------------------
+
+    def _restore(self, view: SavedView | None, outbox: SavedOutbox | None) -> None:
+        """Enforce what the state file holds; queue its writes."""
+        assert self._follower is not None and self._publisher is not None
+        now = self._clock.now()
+        if view is not None:
+
+            def live(rows: list[tuple[str, int, str, str, int]]) -> list[tuple[str, Entry]]:
+                return [(t, Entry(e, r, o, q)) for t, e, r, o, q in rows if not e or e > now]
+
+            self._cache.replace(live(view.bans), live(view.allows))
+            self._follower.reset(view.last_id, view.seq, view.epoch)
+        for saved in outbox.writes if outbox is not None else ():
+            cls = _EVENTS[saved.op]
+            if cls is Ban or cls is Allow:
+                event: AnyEvent = cls(
+                    target=saved.target, expires=saved.expires, reason=saved.reason,
+                    origin=saved.origin, eid=saved.eid,
+                )  # fmt: skip
+            else:
+                event = cls(target=saved.target, origin=saved.origin, eid=saved.eid)
+            write = Write(event, replace=saved.replace, force=saved.force)
+            write.ambiguous, write.since = saved.ambiguous, saved.since
+            self._publisher.hold(write)
+            self._publisher._queue(write)
+        log.warning("banbus: %s restored %d bans, %d allowlist entries and %d queued writes from "
+                    "%s", self.node_id, self._cache.ban_count, self._cache.allow_count,
+                    len(outbox.writes) if outbox else 0, self._state_file.path
+                    if self._state_file else "?")  # fmt: skip
+
+    def _state_keys(self) -> tuple[object, object]:
+        """What changes when the view, or the outbox, needs saving again."""
+        assert self._follower is not None and self._publisher is not None
+        assert self._reseeder is not None
+        follower, publisher, cache = self._follower, self._publisher, self._cache
+        view = (follower.seq, follower.epoch, cache._generation, cache.ban_count,
+                cache.allow_count, publisher.pending, len(self._reseeder.held_b))  # fmt: skip
+        outbox = tuple(w.event.eid for w in publisher.unanswered())
+        return view, outbox
+
+    async def _snapshot_view(self) -> SavedView:
+        assert self._follower is not None and self._publisher is not None
+        follower = self._follower
+        position = (follower.epoch, follower.seq, follower.last_id)
+        # Under targets with unanswered own writes, the entry without them: the
+        # outbox file holds those writes, and a restart folds them over it again.
+        under = {(k, t): e for k, t, e in self._publisher.answered_bases()}
+        rows: dict[str, list[tuple[str, int, str, str, int]]] = {"ban": [], "allow": []}
+        kinds: tuple[Kind, Kind] = ("ban", "allow")
+        for kind in kinds:
+            out = rows[kind]
+            for i, r in enumerate(self._cache.records(kind)):
+                if (kind, r.target) not in under:
+                    out.append((r.target, r.expires, r.reason, r.origin, r.seq))
+                if i % 50_000 == 49_999:
+                    await anyio.lowlevel.checkpoint()
+        for (kind, target), e in under.items():
+            if e is not None:
+                rows[kind].append((target, e.expires, e.reason, e.origin, e.seq))
+        return SavedView(self.namespace, position[0], position[1], position[2],
+                         self._clock.now(), rows["ban"], rows["allow"])  # fmt: skip
+
+    def _snapshot_outbox(self) -> SavedOutbox:
+        assert self._publisher is not None
+        writes = []
+        for w in self._publisher.unanswered():
+            e = w.event
+            writes.append(SavedWrite(
+                _op(e), e.target, getattr(e, "expires", 0), getattr(e, "reason", ""), e.origin,
+                e.eid, w.replace, w.force, True, w.since or self._clock.now() - 5000,
+            ))  # fmt: skip
+        return SavedOutbox(self.namespace, writes)
+
+    async def _save_state(self) -> None:
+        assert self._state_file is not None
+        await self._state_file.run(
+            view_key=lambda: self._state_keys()[0], snapshot_view=self._snapshot_view,
+            outbox_key=lambda: self._state_keys()[1], snapshot_outbox=self._snapshot_outbox,
+            interval=self._state_interval,
+        )  # fmt: skip
+
+    async def _save_state_now(self) -> None:
+        """A last save on close (shielded: a node shut down by cancellation saves too)."""
+        assert self._state_file is not None
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            try:
+                await self._state_file.save_outbox(self._snapshot_outbox())
+                await self._state_file.save_view(await self._snapshot_view())
+            except OSError as exc:
+                log.error("banbus: cannot write the state file %s: %s", self._state_file.path, exc)
+
     async def _server_time(self) -> int:
         assert self._client is not None
         seconds, micros = await self._client.time()
@@ -555,6 +680,14 @@ class Node:
     async def _connect(self) -> ReaderConnection:
         assert self._client is not None
         return await open_reader(self._address, self._client, f"banbus-reader:{self.node_id}")
+
+
+_EVENTS: dict[str, type[AnyEvent]] = {"ban": Ban, "unban": Unban, "allow": Allow,
+                                      "disallow": Disallow}  # fmt: skip
+
+
+def _op(event: AnyEvent) -> str:
+    return type(event).__name__.lower()
 
 
 async def _aclose_shielded(client: aioredis.Redis) -> None:

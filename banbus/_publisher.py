@@ -64,7 +64,7 @@ from ._library import ensure_library, translate_error
 from ._model import Allow, AnyEvent, Ban, Entry, Unban
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
     import redis.asyncio as aioredis
 
@@ -177,6 +177,29 @@ class Write:
 
     def __repr__(self) -> str:
         return f"<Write {self.function} {self.event.target} {self.state} seq={self.seq}>"
+
+
+def _fold(base: Entry | None, writes: Iterable[Write], now: int) -> Entry | None:
+    """*writes*, in order, over the record's entry *base*."""
+    current = base
+    for write in writes:
+        if current is not None and current.expires and current.expires <= now:
+            current = None
+        event = write.event
+        if not isinstance(event, Ban | Allow):
+            current = None
+        elif write.reseed is not None:
+            if current is None:
+                current = Entry(event.expires, event.reason, event.origin, 0)
+        else:
+            expires = event.expires
+            if current is not None and not write.replace:
+                if current.expires == 0 or expires == 0:
+                    expires = 0
+                else:
+                    expires = max(expires, current.expires)
+            current = Entry(expires, event.reason, event.origin, 0)
+    return current
 
 
 class _Slot:
@@ -362,25 +385,7 @@ class Publisher:
 
     def _refold(self, kind: Kind, target: str, slot: _Slot) -> None:
         """Set the view's entry for *target*: the slot's writes over its base."""
-        now = self._clock.now()
-        current = slot.base
-        for write in slot.writes:
-            if current is not None and current.expires and current.expires <= now:
-                current = None
-            event = write.event
-            if not isinstance(event, Ban | Allow):
-                current = None
-            elif write.reseed is not None:
-                if current is None:
-                    current = Entry(event.expires, event.reason, event.origin, 0)
-            else:
-                expires = event.expires
-                if current is not None and not write.replace:
-                    if current.expires == 0 or expires == 0:
-                        expires = 0
-                    else:
-                        expires = max(expires, current.expires)
-                current = Entry(expires, event.reason, event.origin, 0)
+        current = _fold(slot.base, slot.writes, self._clock.now())
         if self._cache.set_entry(kind, target, current):
             self._notify(target)
 
@@ -507,6 +512,24 @@ class Publisher:
             yield "ban", target, slot.base
         for target, slot in self.slots_a.items():
             yield "allow", target, slot.base
+
+    def answered_bases(self) -> Iterator[tuple[Kind, str, Entry | None]]:
+        """Each slotted target without the writes Redis has not answered (the state file
+        saves this under the outbox, which holds those writes)."""
+        now = self._clock.now()
+        for kind, slots in (("ban", self.slots_b), ("allow", self.slots_a)):
+            for target, slot in slots.items():
+                answered = [w for w in slot.writes if w.state not in ("new", "sending", "queued")]
+                yield kind, target, _fold(slot.base, answered, now)  # type: ignore[misc]
+
+    def unanswered(self) -> list[Write]:
+        """Own writes Redis has not answered (queued, or on the wire), oldest first."""
+        writes = [w for w in self.outbox if w.state != "done"]
+        for slots in (self.slots_b, self.slots_a):
+            for slot in slots.values():
+                writes += [w for w in slot.writes if w.state in ("new", "sending")
+                           and w not in writes]  # fmt: skip
+        return writes
 
     @property
     def pending(self) -> int:

@@ -105,9 +105,15 @@ class Reader:
         self.connected = False
         self.stats = dict.fromkeys(("resyncs", "reconnects", "losses"), 0)
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        started = False
-        need: Verdict | None = Verdict.GAP  # the bootstrap is a reload
+    async def run(
+        self, offline: bool = False, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Follow the namespace.  *offline*: the view was loaded from the state file —
+        the node runs at once, and the first connection is judged like a reconnect."""
+        started = offline
+        need: Verdict | None = None if offline else Verdict.GAP  # the bootstrap is a reload
+        if offline:
+            task_status.started()
         delay = self._backoff[0]
         while True:
             try:

@@ -189,6 +189,11 @@ class Child:
         await self.process.stdin.send(command.encode() + b"\n")
         return await self.line()
 
+    async def kill(self) -> None:
+        """SIGKILL, as a crash: nothing is flushed, no goodbye."""
+        self.process.kill()
+        await self.process.wait()
+
 
 @asynccontextmanager
 async def child_node(
@@ -205,6 +210,8 @@ async def child_node(
         try:
             assert await child.line() == "ready"
             yield child
+            if process.returncode is not None:  # killed by the test
+                return
             assert process.stdin is not None
             await process.stdin.send(b"quit\n")
             with anyio.fail_after(10):
