@@ -463,6 +463,18 @@ local function key(ns, suffix)
   return '{' .. ns .. '}:' .. suffix
 end
 
+-- Before a function writes anything: every key it may touch, in one command.
+-- In a Redis Cluster whose slot for the namespace is being migrated, keys move
+-- one MIGRATE at a time; a script touching a key that has already left fails
+-- at that command, after the writes before it.  Touching them all first makes
+-- it fail before any write (the caller retries once the slot has settled).
+-- Elsewhere it costs one EXISTS.
+local function settled(ns)
+  redis.call('EXISTS', key(ns, 'log'), key(ns, 'bans'), key(ns, 'bans:exp'), key(ns, 'allow'),
+    key(ns, 'allow:exp'), key(ns, 'seq'), key(ns, 'epoch'), key(ns, 'head'), key(ns, 'removed'),
+    key(ns, 'config'))
+end
+
 local function config_int(ns, name, value, default, low, high)
   if not value then return default end
   if #value > MAX_NUMBER or not string.find(value, '^%d+$') then
@@ -938,6 +950,7 @@ local function write(fname, keys, args)
     usage = 'FCALL ' .. fname .. ' 1 <namespace> <target> [ORIGIN <name>] [EID <id>] [RETRY <ms>]'
   end
   local ns = namespace(keys, usage)
+  settled(ns)
   local npos = adding and 2 or 1
   if #args < npos then
     fail('BANBUS_INVALID', 'usage: ' .. usage)
@@ -1045,6 +1058,7 @@ end
 local function clear(keys, args)
   local usage = 'FCALL banbus_clear 1 <namespace> [ORIGIN <name>] [EID <id>] [RETRY <ms>]'
   local ns = namespace(keys, usage)
+  settled(ns)
   local opts = parse_options(args, 1, 'clear', 'banbus_clear')
   local cfg = read_config(ns)
   local now, time = now_ms()
@@ -1073,6 +1087,7 @@ end
 
 local function repair(keys, args)
   local ns = namespace(keys, 'FCALL banbus_repair 1 <namespace>')
+  settled(ns)
   if #args > 0 then
     fail('BANBUS_INVALID', 'usage: FCALL banbus_repair 1 <namespace>')
   end

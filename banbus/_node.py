@@ -53,12 +53,10 @@ import anyio
 import anyio.lowlevel
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from ._cache import BanCache
 from ._clock import ServerClock, local_clock_ms
-from ._exceptions import BanbusError, InvalidInput, NodeClosed, RedisUnavailable, ServerError
+from ._exceptions import BanbusError, NodeClosed, RedisUnavailable, ServerError
 from ._follower import Follower
 from ._keys import DEFAULT_MIN_PREFIX_V4, DEFAULT_MIN_PREFIX_V6, namespace_keys
 from ._library import ensure_library
@@ -77,18 +75,20 @@ from ._model import (
 from ._publisher import Publisher, Write
 from ._reader import Reader
 from ._reseed import AntiEntropy, Reseeder
-from ._resp import address_of, open_reader
+from ._resp import open_reader
 from ._state import SavedOutbox, SavedView, SavedWrite, StateFile
 from ._statistics import NodeStatistics
 from ._targets import parse_target
+from ._topology import Topology, open_topology
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from types import TracebackType
 
     from ._cache import Kind
-    from ._resp import ReaderConnection, ServerAddress
+    from ._resp import ReaderConnection
     from ._supervisor import Supervisor
+    from ._topology import ReadFrom
 
 __all__ = ["Node", "NodeStatistics", "namespace_keys"]
 
@@ -104,9 +104,27 @@ class Node:
             node.is_banned("203.0.113.7")
             await node.ban("198.51.100.0/24", ttl=3600, reason="scan")
 
-    :param redis: a ``redis://``/``rediss://``/``unix://`` URL, or an existing
-        ``redis.asyncio.Redis`` (the node then uses it for writes and never
-        closes it; the reader always opens its own connection).
+    :param redis: where the namespace lives (see README, "Deploying"): a URL —
+        ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` /
+        ``rediss+sentinel://`` (Sentinels, then ``/service``),
+        ``redis+cluster://`` / ``rediss+cluster://`` (cluster nodes; a plain
+        URL of a cluster node works too) — or a ``redis.asyncio.Redis``
+        (of one server, of a cluster node, or from ``Sentinel.master_for``),
+        a ``redis.asyncio.RedisCluster``, or a ``redis.asyncio.Sentinel``
+        with *service*.  A client given is the source of the connection
+        options; the node opens its own connections with them, follows the
+        primary through failovers and slot moves, and never closes the
+        client.
+    :param service: the Sentinel service name, with a ``Sentinel`` object.
+    :param read_from: ``"replica"``: bootstrap and follow the stream from a
+        replica (Sentinel or Cluster), so the primary carries only writes;
+        the lag shows in :meth:`statistics` (``read_lag_*``).
+    :param topology_interval: seconds between look-ups of the primary when
+        nothing suggests it moved (Sentinel, Cluster).
+    :param start_timeout: how long entering the node keeps trying to reach
+        Redis (default: 0 for one server, 15 s for Sentinel and Cluster,
+        whose failover may be under way); a node with a *state_file* starts
+        without Redis anyway.
     :param node_id: this node's name in events (``origin``); default host-pid.
     :param namespace: the namespace (all keys live under ``{namespace}``).
     :param min_prefix_v4: widest IPv4 prefix accepted without ``force``.
@@ -138,8 +156,12 @@ class Node:
 
     def __init__(
         self,
-        redis: str | aioredis.Redis,
+        redis: str | aioredis.Redis | aioredis.RedisCluster | aioredis.Sentinel,
         *,
+        service: str | None = None,
+        read_from: ReadFrom = "primary",
+        topology_interval: float = 1.0,
+        start_timeout: float | None = None,
         node_id: str | None = None,
         namespace: str = "banbus",
         min_prefix_v4: int = DEFAULT_MIN_PREFIX_V4,
@@ -162,9 +184,11 @@ class Node:
             node_id = re.sub(r"[^A-Za-z0-9._:@-]", "-", f"{socket.gethostname()}-{os.getpid()}")
             node_id = node_id[:64]
         self.node_id = check_origin(node_id)
-        if not isinstance(redis, str | aioredis.Redis):
-            raise TypeError("redis must be a URL or a redis.asyncio.Redis instance")
-        self._redis_arg = redis
+        # Checks the argument now (nothing is contacted until __aenter__).
+        self._topology: Topology = open_topology(
+            redis, self._keys, service=service, read_from=read_from, interval=topology_interval
+        )
+        self._start_timeout = start_timeout
         self.min_prefix_v4 = min_prefix_v4
         self.min_prefix_v6 = min_prefix_v6
         if block_ms < 1 or batch_size < 1 or scan_count < 1:
@@ -188,7 +212,6 @@ class Node:
         self._supervisor: Supervisor | None = None
         self._seq_waiters: list[tuple[int, anyio.Event]] = []
         self._stack: AsyncExitStack | None = None
-        self._address: ServerAddress | None = None
         #: How long aclose() waits for the outbox to drain.
         self._flush_timeout = 2.0
         # Built in __aenter__, once there is a client.
@@ -209,23 +232,16 @@ class Node:
         self._state = "starting"
         stack = AsyncExitStack()
         try:
-            client = self._redis_arg
-            if isinstance(client, str):
-                try:
-                    client = aioredis.Redis.from_url(
-                        client, socket_timeout=5.0, socket_connect_timeout=5.0,
-                        health_check_interval=0, retry=Retry(NoBackoff(), 1),
-                        retry_on_error=[redis_errors.ConnectionError],
-                    )  # fmt: skip
-                except ValueError as exc:
-                    raise InvalidInput(f"invalid Redis URL {self._redis_arg!r}: {exc}") from exc
-                stack.push_async_callback(_aclose_shielded, client)
-            self._client = client
-            self._address = address_of(client)
+            topology = self._topology
+            stack.push_async_callback(topology.aclose)
+            client = self._client = topology.client
             saved = self._state_file.load() if self._state_file is not None else (None, None)
             offline = saved != (None, None)
+            timeout = self._start_timeout
+            if timeout is None:
+                timeout = 0.0 if topology.kind == "server" else 15.0
             try:
-                await ensure_library(client)
+                await topology.start(0.0 if offline else timeout, probe=ensure_library)
             except RedisUnavailable as exc:
                 if not offline:
                     raise
@@ -246,6 +262,8 @@ class Node:
             tg.start_soon(self._publisher.run)
             tg.start_soon(self._reseeder.run)
             tg.start_soon(self._clock.run, self._server_time, self._clock_interval or 1.0)
+            topology.on_change(self._topology_changed)
+            tg.start_soon(topology.run, self._position)
             if self._state_file is not None:
                 tg.start_soon(self._save_state)
                 stack.push_async_callback(self._save_state_now)
@@ -284,7 +302,7 @@ class Node:
             reload_library=lambda: ensure_library(client), spawn=spawn, cache=cache,
             clock=clock, follower=follower, publisher=publisher, reseeder=reseeder,
             antientropy=antientropy, notify=self._notify, scan_count=self._scan_count,
-            backoff=self._backoff,
+            backoff=self._backoff, lost=self._topology.avoid,
         )  # fmt: skip
 
     async def __aexit__(
@@ -529,6 +547,7 @@ class Node:
         r = reseeder.stats if reseeder else {}
         a = antientropy.stats if antientropy else {}
         rd = reader.stats if reader else {}
+        topo = self._topology
         return NodeStatistics(
             node_id=self.node_id,
             namespace=self.namespace,
@@ -562,6 +581,14 @@ class Node:
             record_digest_mismatch=a.get("record_mismatch", 0),
             expiry_wheel=self._cache.wheel_size,
             connected=reader.connected if reader else False,
+            topology=topo.kind,
+            primary=topo.describe(topo.primary),
+            reading_from=topo.describe(topo.reading or topo.primary),
+            topology_changes=topo.changes,
+            topology_lookups=topo.lookups,
+            topology_lookup_failures=topo.lookup_failures,
+            read_lag_events=topo.read_lag[0],
+            read_lag_ms=topo.read_lag[1],
         )
 
     # -- background tasks -------------------------------------------------------------------
@@ -678,8 +705,22 @@ class Node:
         return int(seconds) * 1000 + int(micros) // 1000
 
     async def _connect(self) -> ReaderConnection:
-        assert self._client is not None
-        return await open_reader(self._address, self._client, f"banbus-reader:{self.node_id}")
+        target = self._topology.reader_target()
+        return await open_reader(
+            target.address, target.connection_class, target.connection_kwargs,
+            f"banbus-reader:{self.node_id}", readonly=target.readonly,
+        )  # fmt: skip
+
+    def _topology_changed(self) -> None:
+        """The primary (or the replica read from) moved: read from there, write there."""
+        if self._reader is not None:
+            self._reader.drop()
+        if self._publisher is not None:
+            self._publisher.kick()
+
+    def _position(self) -> tuple[int, str]:
+        assert self._follower is not None
+        return self._follower.seq, self._follower.last_id
 
 
 _EVENTS: dict[str, type[AnyEvent]] = {"ban": Ban, "unban": Unban, "allow": Allow,
@@ -688,10 +729,3 @@ _EVENTS: dict[str, type[AnyEvent]] = {"ban": Ban, "unban": Unban, "allow": Allow
 
 def _op(event: AnyEvent) -> str:
     return type(event).__name__.lower()
-
-
-async def _aclose_shielded(client: aioredis.Redis) -> None:
-    # Shielded: a node shut down by cancellation must still close its
-    # connections (otherwise they leak and warn as unclosed).
-    with anyio.CancelScope(shield=True):
-        await client.aclose()

@@ -62,6 +62,7 @@ import redis.exceptions as redis_errors
 from ._exceptions import BanbusError, InvalidInput, RedisUnavailable
 from ._library import ensure_library, translate_error
 from ._model import Allow, AnyEvent, Ban, Entry, Unban
+from ._topology import redirected
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -75,10 +76,11 @@ __all__ = ["Publisher", "Reply", "Unreachable", "Write"]
 
 log = logging.getLogger("banbus")
 
-#: Error replies that mean "not now" rather than "no" (the write is retried).
+#: Error replies that mean "not now" rather than "no" (the write is retried);
+#: also those that say the primary is elsewhere (``_topology.redirected``).
 _TRANSIENT: Final = frozenset(
     ("OOM", "READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "NOREPLICAS",
-     "CLUSTERDOWN", "NOSCRIPT")
+     "CLUSTERDOWN", "NOSCRIPT", "MOVED", "ASK", "UNBLOCKED")
 )  # fmt: skip
 _TRANSIENT_ERRORS: Final = (
     redis_errors.OutOfMemoryError,
@@ -652,7 +654,11 @@ class Publisher:
 
     def _error(self, exc: BaseException) -> BanbusError:
         if isinstance(exc, redis_errors.ResponseError):
-            if isinstance(exc, _TRANSIENT_ERRORS) or str(exc).split(" ", 1)[0] in _TRANSIENT:
+            if (
+                isinstance(exc, _TRANSIENT_ERRORS)
+                or str(exc).split(" ", 1)[0] in _TRANSIENT
+                or redirected(exc)
+            ):
                 # Not a verdict on the write: the server cannot take writes now.
                 return RedisUnavailable(f"server busy: {exc}")
             return translate_error(exc)

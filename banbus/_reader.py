@@ -87,6 +87,7 @@ class Reader:
         notify: Callable[[str], None],
         scan_count: int,
         backoff: tuple[float, float],
+        lost: Callable[[str], None] = lambda why: None,
     ) -> None:
         self._keys = keys
         self._node_id = node_id
@@ -102,8 +103,19 @@ class Reader:
         self._notify = notify
         self._scan_count = scan_count
         self._backoff = backoff
+        self._lost = lost
+        self._conn: ReaderConnection | None = None
+        self._wake: anyio.Event | None = None
         self.connected = False
         self.stats = dict.fromkeys(("resyncs", "reconnects", "losses"), 0)
+
+    def drop(self) -> None:
+        """Close the connection (the primary moved): the reader reconnects and judges
+        its position like after any reconnect."""
+        if self._conn is not None:
+            self._conn.close()
+        if self._wake is not None:
+            self._wake.set()  # out of a reconnect backoff: there is somewhere new to go
 
     async def run(
         self, offline: bool = False, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -150,21 +162,29 @@ class Reader:
                     log.exception("banbus: reader of %s failed; reloading", self._node_id)
                     need = Verdict.GAP
                 self.stats["reconnects"] += 1
+                self._lost(str(exc))
                 log.warning("banbus: reader of %s lost Redis (%s); retrying in %.2fs",
                             self._node_id, exc, delay)  # fmt: skip
-                await anyio.sleep(delay * random.uniform(0.5, 1.0))
+                self._wake = anyio.Event()
+                with anyio.move_on_after(delay * random.uniform(0.5, 1.0)):
+                    await self._wake.wait()
+                if self._wake.is_set():
+                    delay = self._backoff[0]
+                self._wake = None
                 delay = min(delay * 2, self._backoff[1])
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[ReaderConnection]:
         conn = await self._connect()
         self.connected = True
+        self._conn = conn
         # serve() ends when the connection closes, and never raises.
         self._spawn(conn.serve)
         try:
             yield conn
         finally:
             conn.close()
+            self._conn = None
             self.connected = False
 
     async def _step(self, conn: ReaderConnection) -> Verdict | None:

@@ -69,7 +69,7 @@ class RespError(Exception):
 class ServerAddress:
     """Where and how to connect: host/port or unix path, credentials, db, TLS."""
 
-    __slots__ = ("db", "host", "password", "path", "port", "ssl", "username")
+    __slots__ = ("db", "host", "password", "path", "port", "readonly", "ssl", "username")
 
     def __init__(
         self,
@@ -81,9 +81,12 @@ class ServerAddress:
         password: str | None = None,
         db: int = 0,
         ssl: _ssl.SSLContext | None = None,
+        readonly: bool = False,
     ) -> None:
         self.host, self.port, self.path = host, port, path
         self.username, self.password, self.db, self.ssl = username, password, db, ssl
+        #: Send ``READONLY`` after connecting (a Redis Cluster replica).
+        self.readonly = readonly
 
     def __repr__(self) -> str:
         where = self.path or f"{self.host}:{self.port}"
@@ -91,35 +94,40 @@ class ServerAddress:
 
 
 def address_of(client: Redis) -> ServerAddress | None:
-    """Derive a :class:`ServerAddress` from a redis-py client's pool, or None.
+    """Derive a :class:`ServerAddress` from a redis-py client's pool, or None."""
+    pool = client.connection_pool
+    return address_from(pool.connection_class, pool.connection_kwargs)
 
-    None when the pool is not a plain TCP/unix/TLS pool (e.g. Sentinel), in
-    which case the caller falls back to redis-py for reading.
+
+def address_from(
+    cls: type[Any], kwargs: dict[str, Any], *, readonly: bool = False
+) -> ServerAddress | None:
+    """A :class:`ServerAddress` for redis-py connection class *cls* with *kwargs*, or None.
+
+    None when only redis-py can connect that way (a credential provider, an
+    unknown connection class): the caller then reads through redis-py.
     """
     from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 
-    pool = client.connection_pool
-    kwargs: dict[str, Any] = pool.connection_kwargs
-    cls = pool.connection_class
     if kwargs.get("credential_provider") is not None:
         return None
     common: dict[str, Any] = {
         "username": kwargs.get("username"),
         "password": kwargs.get("password"),
         "db": int(kwargs.get("db") or 0),
+        "readonly": readonly,
     }
-    if cls is UnixDomainSocketConnection or issubclass(cls, UnixDomainSocketConnection):
+    if issubclass(cls, UnixDomainSocketConnection):
         return ServerAddress(path=kwargs["path"], **common)
-    if cls is SSLConnection or issubclass(cls, SSLConnection):
+    host, port = kwargs.get("host", "localhost"), int(kwargs.get("port", 6379))
+    if issubclass(cls, SSLConnection):
         # redis-py's own TLS context, from all of the client's ssl_* options
         # (CA file/data/path, client certificate, min version, ciphers,
         # hostname check…): a connection object is built, never connected.
         context = cls(**kwargs).ssl_context.get()
-        return ServerAddress(kwargs.get("host", "localhost"), int(kwargs.get("port", 6379)),
-                             ssl=context, **common)  # fmt: skip
-    if cls is Connection or issubclass(cls, Connection):
-        return ServerAddress(kwargs.get("host", "localhost"), int(kwargs.get("port", 6379)),
-                             **common)  # fmt: skip
+        return ServerAddress(host, port, ssl=context, **common)
+    if issubclass(cls, Connection):
+        return ServerAddress(host, port, **common)
     return None
 
 
@@ -225,6 +233,8 @@ class RespConnection(asyncio.Protocol):
                         await proto.call("AUTH", address.password)
                 if address.db:
                     await proto.call("SELECT", address.db)
+                if address.readonly:
+                    await proto.call("READONLY")
                 if name:
                     try:
                         await proto.call("CLIENT", "SETNAME", name)
@@ -282,10 +292,11 @@ class PyConnection:
         self._open = True
 
     @classmethod
-    async def open(cls, client: Redis, name: str) -> PyConnection:
-        """A new connection from *client*'s pool settings (not from the pool itself)."""
-        pool = client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
+    async def open(
+        cls, connection_class: type[Any], kwargs: dict[str, Any], name: str, *, readonly: bool
+    ) -> PyConnection:
+        """A new redis-py connection of *connection_class* with *kwargs* (not from a pool)."""
+        kwargs = dict(kwargs)
         kwargs.update(
             decode_responses=True,
             encoding_errors="replace",
@@ -293,8 +304,11 @@ class PyConnection:
             client_name=name,
             protocol=2,
         )
-        conn = pool.connection_class(**kwargs)
-        await conn.connect()  # type: ignore[no-untyped-call]
+        conn = connection_class(**kwargs)
+        await conn.connect()
+        if readonly:
+            await conn.send_command("READONLY")
+            await conn.read_response()
         return cls(conn)
 
     @property
@@ -359,8 +373,15 @@ class PyConnection:
         self._fail(ConnectionError("connection closed by client"))
 
 
-async def open_reader(address: ServerAddress | None, client: Redis, name: str) -> ReaderConnection:
-    """The reader's connection: lean when *address* is known, else through *client*'s pool.
+async def open_reader(
+    address: ServerAddress | None,
+    connection_class: type[Any],
+    kwargs: dict[str, Any],
+    name: str,
+    *,
+    readonly: bool = False,
+) -> ReaderConnection:
+    """The reader's connection: lean when *address* is known, else through redis-py.
 
     :raises ServerError: the server refused it (authentication, ACL).
     :raises RedisUnavailable: it could not be reached.
@@ -370,8 +391,8 @@ async def open_reader(address: ServerAddress | None, client: Redis, name: str) -
     try:
         if address is not None:
             return await RespConnection.open(address, name=name)
-        return await PyConnection.open(client, name)
-    except RespError as exc:
+        return await PyConnection.open(connection_class, kwargs, name, readonly=readonly)
+    except (RespError, redis_errors.ResponseError) as exc:
         raise ServerError(f"reader connection refused: {exc}") from exc
     except (OSError, TimeoutError, redis_errors.RedisError) as exc:
         from ._library import tls_hint

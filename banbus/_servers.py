@@ -20,15 +20,33 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["EmbeddedRedis", "RedisProcess", "free_port", "redis_server_binary"]
+__all__ = [
+    "EmbeddedRedis",
+    "RedisCluster",
+    "RedisProcess",
+    "SentinelGroup",
+    "free_port",
+    "redis_server_binary",
+]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free on *host* a moment ago."""
+def free_port(host: str = "127.0.0.1", *, below: int = 65536) -> int:
+    """Return a TCP port under *below* that was free on *host* a moment ago."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port < below and (below == 65536 or _free(host, port + 10000)):
+            return port
+
+
+def _free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def redis_server_binary() -> str | None:
@@ -63,6 +81,7 @@ class RedisProcess:
         args: tuple[str, ...] = (),
         binary: str | None = None,
         persist: bool = False,
+        sentinel_config: str | None = None,
     ) -> None:
         found = binary or redis_server_binary()
         if found is None:
@@ -74,6 +93,11 @@ class RedisProcess:
         self.persist = persist
         self._dir = tempfile.mkdtemp(prefix="banbus-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
+        #: A Sentinel: the configuration it starts from (it rewrites the file).
+        self._sentinel_config = sentinel_config
+        if sentinel_config is not None:
+            with open(os.path.join(self._dir, "sentinel.conf"), "w") as f:
+                f.write(sentinel_config)
 
     @property
     def url(self) -> str:
@@ -91,11 +115,15 @@ class RedisProcess:
             if self.persist
             else ["--appendonly", "no"]
         )
+        head = [self.binary]
+        if self._sentinel_config is not None:
+            head += [os.path.join(self._dir, "sentinel.conf"), "--sentinel"]
+            persistence = []
         cmd = [
-            self.binary,
+            *head,
             "--port", str(self.port),
             "--bind", self.host,
-            "--save", "",
+            *(() if self._sentinel_config is not None else ("--save", "")),
             *persistence,
             "--dir", self._dir,
             "--daemonize", "no",
@@ -200,3 +228,276 @@ class EmbeddedRedis:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class SentinelGroup:
+    """A primary, *replicas* replicas and *sentinels* Sentinels watching them.
+
+    The service is ``mymaster``; failure detection is fast (*down_after_ms*)
+    so that tests and benchmarks fail over in about a second.  The Sentinels
+    start knowing each other and the replicas (their configuration names
+    them), so the group is ready at once.
+
+    *via*: a port in front of the primary (a test's proxy): the Sentinels
+    monitor the primary there and the replicas replicate from there, their
+    links coming from *replica_source_ip* so that the proxy can tell them
+    apart (and hold replication back while the primary takes writes).
+    """
+
+    service = "mymaster"
+
+    def __init__(
+        self,
+        *,
+        replicas: int = 1,
+        sentinels: int = 3,
+        down_after_ms: int = 500,
+        primary_port: int | None = None,
+        via: int | None = None,
+        replica_source_ip: str = "127.0.0.9",
+        args: tuple[str, ...] = (),
+    ) -> None:
+        # Replicas sync at once (Redis waits 5 s for more replicas by default).
+        args = ("--repl-diskless-sync-delay", "0", *args)
+        self.primary = RedisProcess(port=primary_port, args=args)
+        source = str(via or self.primary.port)
+        link = ("--bind-source-addr", replica_source_ip) if via else ()
+        replica_args = (*args, *link, "--replica-announce-ip", "127.0.0.1",
+                        "--replicaof", "127.0.0.1", source)  # fmt: skip
+        self.replicas = [RedisProcess(args=replica_args) for _ in range(replicas)]
+        ports = [free_port() for _ in range(sentinels)]
+        ids = [os.urandom(20).hex() for _ in range(sentinels)]
+        name = self.service
+        common = (
+            f"sentinel monitor {name} 127.0.0.1 {via or self.primary.port} {sentinels // 2 + 1}\n"
+            f"sentinel down-after-milliseconds {name} {down_after_ms}\n"
+            f"sentinel failover-timeout {name} {max(2 * down_after_ms, 1000)}\n"
+            f"sentinel parallel-syncs {name} 1\n"
+            + "".join(f"sentinel known-replica {name} 127.0.0.1 {r.port}\n" for r in self.replicas)
+        )
+        self.sentinels = []
+        for i, port in enumerate(ports):
+            others = "".join(
+                f"sentinel known-sentinel {name} 127.0.0.1 {p} {ids[j]}\n"
+                for j, p in enumerate(ports)
+                if j != i
+            )
+            config = f"sentinel myid {ids[i]}\n{common}{others}"
+            self.sentinels.append(RedisProcess(port=port, sentinel_config=config))
+
+    @property
+    def servers(self) -> list[RedisProcess]:
+        return [self.primary, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        """The ``redis+sentinel://`` URL banbus takes."""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def start(self, timeout: float = 20.0) -> SentinelGroup:
+        for server in self.servers:
+            server.start()
+        deadline = time.monotonic() + timeout
+        for replica in self.replicas:
+            while _info(replica.port, "replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("replica did not sync with the primary")
+                time.sleep(0.02)
+        for sentinel in self.sentinels:
+            sentinel.start()
+        # Every Sentinel knows every replica and the other Sentinels.
+        want = (len(self.replicas), len(self.sentinels) - 1)
+        for sentinel in self.sentinels:
+            while self._sentinel_sees(sentinel.port) != want:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Sentinels did not discover each other")
+                time.sleep(0.05)
+        return self
+
+    def _sentinel_sees(self, port: int) -> tuple[int, int]:
+        import redis
+
+        client = redis.Redis(port=port, socket_timeout=5.0, decode_responses=True)
+        try:
+            fields = client.info("sentinel").get("master0", {})
+        finally:
+            client.close()
+        return int(fields.get("slaves", -1)), int(fields.get("sentinels", 0)) - 1
+
+    def primary_port(self) -> int:
+        """The primary as the first Sentinel that answers sees it."""
+        for sentinel in self.sentinels:
+            if sentinel.running:
+                reply = _command(sentinel.port, "SENTINEL", "get-master-addr-by-name",
+                                 self.service)  # fmt: skip
+                if isinstance(reply, list):
+                    return int(reply[1])
+        raise RuntimeError("no Sentinel answers")
+
+    def server(self, port: int) -> RedisProcess:
+        return next(s for s in self.servers if s.port == port)
+
+    def close(self) -> None:
+        for proc in (*self.sentinels, *self.servers):
+            proc.close()
+
+    def __enter__(self) -> SentinelGroup:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class RedisCluster:
+    """A Redis Cluster of *primaries* primaries with *replicas* replicas each.
+
+    Slots are assigned evenly in order; *node_timeout_ms* is short so that a
+    killed primary's replica takes over in a second or two.
+    """
+
+    def __init__(
+        self,
+        *,
+        primaries: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1000,
+        args: tuple[str, ...] = (),
+    ) -> None:
+        self.primaries_count = primaries
+        self.replicas_count = replicas
+        # A cluster node also listens on its port + 10000 (the cluster bus).
+        options = (
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(node_timeout_ms),
+            "--cluster-require-full-coverage", "no",
+            "--repl-diskless-sync-delay", "0",
+            *args,
+        )  # fmt: skip
+        self.nodes = [
+            RedisProcess(port=free_port(below=55536), args=options)
+            for _ in range(primaries * (1 + replicas))
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        ids = [str(_command(n.port, "CLUSTER", "MYID")) for n in self.nodes]
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            _command(first.port, "CLUSTER", "MEET", "127.0.0.1", str(node.port))
+        count = self.primaries_count
+        for i in range(count):
+            low, high = i * 16384 // count, (i + 1) * 16384 // count - 1
+            _command(self.nodes[i].port, "CLUSTER", "ADDSLOTSRANGE", str(low), str(high))
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:  # every node must know every other before REPLICATE
+            while sum(1 for _ in self._nodes_lines(node.port)) < len(self.nodes):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("cluster nodes did not meet")
+                time.sleep(0.05)
+        for r in range(self.replicas_count):
+            for i in range(count):
+                replica = self.nodes[count * (r + 1) + i]
+                while _command(replica.port, "CLUSTER", "REPLICATE", ids[i]) != "OK":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("cluster replica could not attach")
+                    time.sleep(0.05)
+        self.wait_ok(deadline - time.monotonic())
+        return self
+
+    def _nodes_lines(self, port: int) -> list[list[str]]:
+        reply = _command(port, "CLUSTER", "NODES")
+        return [line.split() for line in str(reply).splitlines() if line.strip()]
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every running node says ``cluster_state:ok`` and every replica is in sync."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if not node.running:
+                continue
+            while True:
+                state = _info_text(node.port, "CLUSTER", "INFO")
+                role = _info(node.port, "replication")
+                synced = role.get("role") == "master" or role.get("master_link_status") == "up"
+                if "cluster_state:ok" in state and synced:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster node {node.port} is not ok: {state[:200]}")
+                time.sleep(0.05)
+
+    def owner(self, slot: int) -> RedisProcess:
+        """The primary serving *slot*, as the first running node sees it."""
+        node = next(n for n in self.nodes if n.running)
+        for line in self._nodes_lines(node.port):
+            if "master" not in line[2] or "fail" in line[2]:
+                continue
+            for part in line[8:]:
+                low, _, high = part.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    port = int(line[1].split("@")[0].rsplit(":", 1)[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise RuntimeError(f"no primary serves slot {slot}")
+
+    def replicas_of(self, primary: RedisProcess) -> list[RedisProcess]:
+        primary_id = str(_command(primary.port, "CLUSTER", "MYID"))
+        out = []
+        for line in self._nodes_lines(primary.port):
+            if line[3] == primary_id:
+                port = int(line[1].split("@")[0].rsplit(":", 1)[1])
+                out.append(next(n for n in self.nodes if n.port == port))
+        return out
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> RedisCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _command(port: int, *args: str, timeout: float = 5.0) -> object:
+    """One command to 127.0.0.1:*port* (setup helper; replies decoded, errors returned)."""
+    import redis
+
+    client = redis.Redis(port=port, socket_timeout=timeout, decode_responses=True)
+    try:
+        reply: object = client.execute_command(*args)  # type: ignore[no-untyped-call]
+    except redis.ResponseError as exc:
+        return exc
+    finally:
+        client.close()
+    return reply
+
+
+def _info_text(port: int, *args: str) -> str:
+    reply = _command(port, *args)
+    return reply if isinstance(reply, str) else ""
+
+
+def _info(port: int, section: str) -> dict[str, str]:
+    import redis
+
+    client = redis.Redis(port=port, socket_timeout=5.0, decode_responses=True)
+    try:
+        return {k: str(v) for k, v in client.info(section).items()}
+    finally:
+        client.close()

@@ -74,3 +74,19 @@ class NodeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     #: Items in the expiry wheel (bounded by twice the entries held).
     expiry_wheel: int
     connected: bool
+    #: ``"server"``, ``"sentinel"`` or ``"cluster"``.
+    topology: str = "server"
+    #: The namespace's primary (``host:port``; ``-`` unknown or a unix socket).
+    primary: str = "-"
+    #: Where the reader reads (the primary, or a replica with ``read_from="replica"``).
+    reading_from: str = "-"
+    #: Times the primary (or the replica read from) moved: failovers, slot moves.
+    topology_changes: int = 0
+    #: Look-ups of the primary (Sentinel / cluster), and those that failed.
+    topology_lookups: int = 0
+    topology_lookup_failures: int = 0
+    #: With ``read_from="replica"``: how far the view trailed the primary at
+    #: the last measurement (every *topology_interval*), in events and in ms
+    #: of event time.
+    read_lag_events: int = 0
+    read_lag_ms: float = 0.0

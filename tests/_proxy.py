@@ -1,6 +1,8 @@
 """A TCP proxy in front of Redis that a test can break on purpose (loopback only).
 
-Each proxied connection is tagged by its role: ``"reader"`` when the client
+Each proxied connection is tagged by its role: ``"replica"`` when it comes
+from the source address given as *replica_source* (a replica's replication
+link: ``redis-server --bind-source-addr``), ``"reader"`` when the client
 names itself ``banbus-reader:…`` in its first bytes (the node's reader
 connection does), ``"client"`` otherwise (redis-py: the node's writes).
 A test can then, for one role or for all:
@@ -19,7 +21,7 @@ import contextlib
 import socket
 from typing import Literal
 
-Role = Literal["reader", "client"]
+Role = Literal["reader", "client", "replica"]
 Direction = Literal["up", "down"]
 
 
@@ -67,8 +69,9 @@ class _Link:
 class Proxy:
     """``async with Proxy(host, port) as proxy: Node(proxy.url, …)``."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, replica_source: str | None = None) -> None:
         self.target = (host, port)
+        self.replica_source = replica_source
         self._links: set[_Link] = set()
         self._gates: dict[tuple[Role, Direction], asyncio.Event] = {}
         self._refusing = False
@@ -111,6 +114,10 @@ class Proxy:
             writer.transport.abort()
             return
         link = _Link(self, writer, up_writer)
+        peer = writer.get_extra_info("peername")
+        if self.replica_source is not None and peer and peer[0] == self.replica_source:
+            link.role = "replica"
+            self._roles_seen.add("replica")
         self._links.add(link)
         await asyncio.gather(link.pump(reader, "up"), link.pump(up_reader, "down"))
 
@@ -118,12 +125,12 @@ class Proxy:
 
     def hold(self, role: Role | None = None, direction: Direction | None = None) -> None:
         """Stop forwarding (bytes wait in the proxy; connections stay open)."""
-        for r in (role,) if role else ("reader", "client"):
+        for r in (role,) if role else ("reader", "client", "replica"):
             for d in (direction,) if direction else ("up", "down"):
                 self._gate(r, d).clear()  # type: ignore[arg-type]
 
     def release(self, role: Role | None = None, direction: Direction | None = None) -> None:
-        for r in (role,) if role else ("reader", "client"):
+        for r in (role,) if role else ("reader", "client", "replica"):
             for d in (direction,) if direction else ("up", "down"):
                 self._gate(r, d).set()  # type: ignore[arg-type]
 

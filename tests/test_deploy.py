@@ -39,13 +39,13 @@ ACL_ROLES = {
         "+hscan +hget +hmget +hset +hdel +hlen +hincrby "
         "+zadd +zrem +zcard +zcount +zscore +zrange +zrangebyscore +zremrangebyrank "
         "+get +set +del +incr +decr +exists +type +pexpire +time +ping +hello "
-        "+client|setname"
+        "+client|setname +cluster|shards +readonly"
     ),
     # A node that only follows (Node(..., reseed=False)): it cannot write.
     "follower": (
         "on >{password} resetkeys ~{{{ns}}}:* resetchannels -@all "
         "+fcall_ro +xread +xrange +xrevrange +hscan +hget +hmget +hlen "
-        "+zcount +zrangebyscore +get +time +ping +hello +client|setname"
+        "+zcount +zrangebyscore +get +time +ping +hello +client|setname +cluster|shards +readonly"
     ),
     # An operator: the node's rights, loading the function library, and
     # MULTI/EXEC (`banbus check` reads the clock and the record in one).
@@ -55,7 +55,7 @@ ACL_ROLES = {
         "+xsetid +xinfo|stream +hscan +hget +hmget +hset +hdel +hlen +hincrby "
         "+zadd +zrem +zcard +zcount +zscore +zrange +zrangebyscore +zremrangebyrank "
         "+get +set +del +incr +decr +exists +type +pexpire +time +ping +hello "
-        "+client|setname"
+        "+client|setname +cluster|shards"
     ),
 }
 

@@ -1170,17 +1170,23 @@ async def test_compact_node_bootstraps_and_follows(redis_url: str, namespace: st
 async def test_redis_py_reader_fallback(
     redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch, admin: aioredis.Redis
 ) -> None:
-    """Pools banbus cannot dial itself (Sentinel, credential providers) read via redis-py.
+    """Clients banbus cannot dial itself (a credential provider) read via redis-py.
 
     The client speaks RESP3 (redis-py 8's default; ``XREAD`` then answers a
     dict): the fallback reader still reads normally, with no resync and no
     reconnect (issue 7, item 13).
     """
-    import banbus._node as node_module
+    from redis.credentials import UsernamePasswordCredentialProvider
 
-    monkeypatch.setattr(node_module, "address_of", lambda client: None)
-    url = redis_url + "?protocol=3"
-    async with nodes(url, namespace, 2, block_ms=200, check_interval=0.1) as (a, b):
+    # The default user has no password: any password is accepted.
+    provider = UsernamePasswordCredentialProvider("default", "from-a-provider")
+    client = aioredis.Redis.from_url(redis_url, protocol=3, credential_provider=provider)
+    async with (
+        client,
+        nodes(redis_url, namespace, 1) as (a,),
+        Node(client, namespace=namespace, node_id="b", block_ms=200, check_interval=0.1) as b,
+    ):
+        assert b._topology.reader_target().address is None  # redis-py reads
         reader = await reader_client(admin, b)
         assert reader is not None and reader["resp"] == "2"
         record = await a.ban("203.0.113.7", reason="fallback")
