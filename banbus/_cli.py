@@ -31,6 +31,7 @@ from ._model import (
     parse_ttl,
 )
 from ._targets import format_target, parse_target
+from ._topology import open_topology, redirected
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
@@ -155,20 +156,32 @@ async def _run(args: argparse.Namespace) -> int:
         if target.is_network:
             raise InvalidInput(f"check takes one address, not the network {target.text}")
         args.canonical = normalize_peer(target.text)
+    # The same URLs as Node: one server, Sentinels, or a cluster (any node).
+    topology = open_topology(args.redis, namespace_keys(args.namespace))
+    client = topology.client
     try:
-        client = aioredis.Redis.from_url(args.redis, socket_timeout=10, socket_connect_timeout=5)
-    except ValueError as exc:
-        raise InvalidInput(f"invalid Redis URL {args.redis!r}: {exc}") from exc
-    try:
+        try:
+            await topology.start(
+                0.0 if topology.kind == "server" else 15.0,
+                probe=None if args.command == "watch" else ensure_library,
+            )
+        except RedisUnavailable as exc:
+            raise RedisUnavailable(f"cannot reach Redis at {_safe_url(args.redis)}: {exc}") from exc
+        args.topology = topology
         if args.command != "watch":
-            await ensure_library(client)
-        return await commands[args.command](client, args)
+            return await commands[args.command](client, args)
+        async with asyncio.TaskGroup() as tg:  # follows the primary while watching
+            follow = tg.create_task(topology.run())
+            try:
+                return await commands[args.command](client, args)
+            finally:
+                follow.cancel()
     except redis_errors.ResponseError as exc:
         raise translate_error(exc) from exc
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         raise RedisUnavailable(f"cannot reach Redis at {_safe_url(args.redis)}: {exc}") from exc
     finally:
-        await client.aclose()
+        await topology.aclose()
 
 
 def _key(args: argparse.Namespace) -> str:
@@ -177,7 +190,7 @@ def _key(args: argparse.Namespace) -> str:
 
 
 def _safe_url(url: str) -> str:
-    if "@" in url:
+    if "@" in url.partition("?")[0]:
         scheme, _, rest = url.partition("://")
         return f"{scheme}://***@{rest.rpartition('@')[2]}"
     return url
@@ -329,8 +342,23 @@ async def _cmd_watch(client: aioredis.Redis, args: argparse.Namespace) -> int:
         last: Any = await client.xrevrange(key, count=1)
         cursor = _s(last[0][0]) if last else "0-0"
     seen = 0
+    topology = args.topology
     while True:
-        reply: Any = await client.xread({key: cursor}, count=100, block=1000)
+        try:
+            reply: Any = await client.xread({key: cursor}, count=100, block=1000)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            # A failover, a slot move, a restart: find the primary, read on
+            # from the last entry printed.
+            print(f"banbus: lost Redis ({exc}); reconnecting", file=sys.stderr)
+            topology.suspect(str(exc))
+            await asyncio.sleep(0.5)
+            continue
+        except redis_errors.ResponseError as exc:
+            if not redirected(exc):
+                raise
+            topology.suspect(str(exc))
+            await asyncio.sleep(0.2)
+            continue
         for _stream, entries in reply or ():
             for entry_id, raw in entries:
                 cursor = _s(entry_id)

@@ -533,6 +533,7 @@ class Topology:
         assert self._suspected is not None
         if self.kind == "server" and not self._detect and self.read_from == "primary":
             return  # nothing can move
+        failures = 0
         while True:
             with anyio.move_on_after(self.interval):
                 await self._suspected.wait()
@@ -540,13 +541,17 @@ class Topology:
             try:
                 await self.refresh()
             except RedisUnavailable as exc:
+                # A failover under way: look again soon, but a fleet of nodes
+                # must not hammer the Sentinels (50 ms doubling to 400 ms).
                 log.debug("banbus: topology look-up failed: %s", exc)
-                await anyio.sleep(0.1)
+                await anyio.sleep(min(0.05 * 2**failures, 0.4) * random.uniform(0.5, 1.0))
+                failures = min(failures + 1, 8)
                 self.suspect("the last look-up failed")
                 continue
             except Exception:  # never let a look-up bug stop following
                 log.exception("banbus: topology look-up failed")
                 continue
+            failures = 0
             if position is not None and self.reading is not None:
                 await self._measure_lag(position)
             else:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import bench_apply
 import bench_cache
 import bench_cut
+import bench_deploy
 import bench_propagation
 import bench_reconnect
 from _common import Result, command, drop_namespace, fmt_num, raise_fd_limit
@@ -53,6 +54,12 @@ BENCHES: dict[str, tuple[Callable[[Context], Awaitable[list[Result]]], str]] = {
         "bench_supervisor.py: the same cut, ban on the serving node",
     ),
     "scaling": (bench_propagation.run_scaling, "propagation p99 and Redis CPU, 1/4/16 nodes"),
+    "topologies": (
+        bench_deploy.run_topologies,
+        "propagation through one server, Sentinel and Cluster, same run",
+    ),
+    "failover": (bench_deploy.run_failover, "primary killed → a queued ban on another node"),
+    "fanout": (bench_deploy.run_fanout, "Redis CPU per ban per following node, primary/replica"),
 }
 
 

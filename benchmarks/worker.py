@@ -232,6 +232,39 @@ async def node_mode(args: argparse.Namespace) -> None:
         server.close()
 
 
+# -- fleet: many following nodes in one process (fan-out cost) ---------------------------------
+
+
+async def fleet_mode(args: argparse.Namespace) -> None:
+    """``--count`` banbus nodes that only follow (``--read-from`` primary or replica)."""
+    import contextlib
+
+    import banbus
+
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(
+                banbus.Node(args.redis, node_id=f"{args.node_id}-{k}", namespace=args.ns,
+                            block_ms=args.block_ms, read_from=args.read_from)
+            )
+            for k in range(args.count)
+        ]  # fmt: skip
+
+        async def wait_seq(seq: int, wait: float = 60.0) -> dict[str, Any]:
+            for node in nodes:
+                await asyncio.wait_for(node.wait_for_seq(seq), wait)
+            return {"max_lag_ms": max(n.statistics().max_lag_ms for n in nodes)}
+
+        async def stats() -> dict[str, Any]:
+            return {
+                "reading_from": sorted({n.statistics().reading_from for n in nodes}),
+                "resyncs": sum(n.statistics().resyncs for n in nodes),
+            }
+
+        emit({"ready": True, "pid": os.getpid()})
+        await command_loop({"wait_seq": wait_seq, "stats": stats})
+
+
 # -- floor: XREAD BLOCK with hiredis, no banbus code -------------------------------------------
 
 
@@ -485,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode",
         choices=[
             "node",
+            "fleet",
             "floor",
             "poll",
             "pubsub",
@@ -513,10 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nets", type=int, default=1000)
     parser.add_argument("--kind", default="bancache")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--read-from", choices=["primary", "replica"], default="primary")
     args = parser.parse_args(argv)
 
     long_running = {
         "node": node_mode,
+        "fleet": fleet_mode,
         "floor": floor_mode,
         "poll": poll_mode,
         "pubsub": pubsub_mode,

@@ -9,6 +9,7 @@ election), slot moves are the ``CLUSTER SETSLOT`` / ``MIGRATE`` sequence.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -83,6 +84,16 @@ async def burst(node: Node, prefix: str, count: int, halfway: anyio.Event, out: 
         out.append(target)
         if i == count // 2:
             halfway.set()
+
+
+async def cli(url: str, namespace: str, *args: str, status: int = 0) -> str:
+    """``python -m banbus --redis URL ...`` (a separate process); its output."""
+    done = await anyio.run_process(
+        [sys.executable, "-m", "banbus", "--redis", url, "--namespace", namespace, *args],
+        check=False,
+    )
+    assert done.returncode == status, done.stderr.decode()
+    return done.stdout.decode()
 
 
 async def answered(*members: Node) -> None:
@@ -266,11 +277,20 @@ async def _role_is_master(client: aioredis.Redis) -> bool:
 async def test_sentinel_node_joining_mid_failover(
     sentinel_group: SentinelGroup, namespace: str
 ) -> None:
-    """A node started right after the primary died waits for the promotion, then starts."""
+    """A node started right after the primary died waits for the promotion, then starts;
+    ``banbus watch`` follows the failover; the CLI finds the new primary."""
     g = sentinel_group
     old = g.primary_port()
-    async with Node(g.url, namespace=namespace, node_id="a", **OPTIONS) as a:
+    watch_argv = [sys.executable, "-m", "banbus", "--redis", g.url, "--namespace", namespace,
+                  "watch", "--from", "0", "--count", "3"]  # fmt: skip
+    async with (
+        Node(g.url, namespace=namespace, node_id="a", **OPTIONS) as a,
+        await anyio.open_process(watch_argv) as watch,
+    ):
+        assert watch.stdout is not None
         record = await a.ban("203.0.113.5", reason="before")
+        with anyio.fail_after(10):
+            assert b"203.0.113.5" in await watch.stdout.receive()  # it is watching
         async with client_of(old) as primary:
             assert await primary.execute_command("WAIT", 1, 5000) == 1  # replicated
         g.server(old).stop()
@@ -278,10 +298,18 @@ async def test_sentinel_node_joining_mid_failover(
             assert late.is_banned("203.0.113.5")
             assert late.statistics().primary != f"127.0.0.1:{old}"
             assert late.statistics().topology_lookups >= 2  # it had to look again
-            await answered(a)
+            new = late.statistics().primary
+            await eventually(lambda: a.statistics().primary == new, 15.0, "a follows")
             again = await a.ban("203.0.113.6")
             await synced(again.seq, late)
             assert late.is_banned("203.0.113.6")
+            # The CLI takes the same URL, and finds the new primary too.
+            out = await cli(g.url, namespace, "ban", "203.0.113.7", "--reason", "cli")
+            seq = int(out.rsplit("seq ", 1)[1].rstrip(")\n"))
+            await synced(seq, a, late)
+            assert "203.0.113.7" in await cli(g.url, namespace, "list")
+        with anyio.fail_after(20):
+            assert await watch.wait() == 0  # it saw the two bans after the failover
         assert record.seq > 0
 
 
@@ -316,6 +344,11 @@ async def test_cluster_any_node_a_cluster_client_and_a_replica_reader(
         assert r.statistics().reading_from == f"127.0.0.1:{replica.port}"
         await assert_cut(a, b, "127.0.0.41")
         await assert_cut(b, r, "127.0.0.42")
+        # The CLI, given the URL of a node that does not serve the slot.
+        out = await cli(stranger.url, namespace, "ban", "203.0.113.8")
+        await synced(int(out.rsplit("seq ", 1)[1].rstrip(")\n")), a, b, r)
+        seen = await cli(f"redis+cluster://{seeds}", namespace, "check", "203.0.113.8", status=1)
+        assert "203.0.113.8 is banned" in seen
         async with client_of(owner.port) as admin:
             await assert_converged(admin, namespace, a, b, r)
         assert r.statistics().read_lag_events == 0
