@@ -303,6 +303,7 @@ class Node:
             clock=clock, follower=follower, publisher=publisher, reseeder=reseeder,
             antientropy=antientropy, notify=self._notify, scan_count=self._scan_count,
             backoff=self._backoff, lost=self._topology.avoid,
+            leave_replica=self._topology.leave_replica,
         )  # fmt: skip
 
     async def __aexit__(

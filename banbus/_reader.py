@@ -88,6 +88,7 @@ class Reader:
         scan_count: int,
         backoff: tuple[float, float],
         lost: Callable[[str], None] = lambda why: None,
+        leave_replica: Callable[[str], bool] = lambda why: False,
     ) -> None:
         self._keys = keys
         self._node_id = node_id
@@ -104,6 +105,7 @@ class Reader:
         self._scan_count = scan_count
         self._backoff = backoff
         self._lost = lost
+        self._leave_replica = leave_replica
         self._conn: ReaderConnection | None = None
         self._wake: anyio.Event | None = None
         self.connected = False
@@ -148,6 +150,12 @@ class Reader:
                         delay = self._backoff[0]
                         need = await self._step(conn)
             except Exception as exc:
+                if (
+                    isinstance(exc, RespError)
+                    and "Function not found" in str(exc)
+                    and self._leave_replica("it has not received the function library")
+                ):
+                    continue  # a new replica, still syncing: read from the primary meanwhile
                 if not started:
                     if isinstance(exc, RespError):
                         raise ServerError(f"bootstrap refused by the server: {exc}") from exc

@@ -407,8 +407,7 @@ class Topology:
         replicas: list[Address] = []
         if self.read_from == "replica":
             with contextlib.suppress(redis_errors.RedisError, OSError):
-                found = sentinel.filter_slaves(await client.sentinel_slaves(service))
-                replicas = [(_text(h), int(p)) for h, p in found]
+                replicas = _healthy_replicas(await client.sentinel_slaves(service))
         return (_text(state["ip"]), int(state["port"])), replicas
 
     async def _ask_cluster(self) -> tuple[Address | None, list[Address]]:
@@ -482,6 +481,18 @@ class Topology:
             log.info("banbus: reading from replica %s failed (%s); trying elsewhere",
                      self.describe(self.reading), why)  # fmt: skip
         self.suspect(why)
+
+    def leave_replica(self, why: str) -> bool:
+        """The replica read from cannot serve (*why*): read from the primary now, and
+        avoid that replica for a while.  False when the reader is on the primary."""
+        if self.reading is None:
+            return False
+        log.warning("banbus: not reading from replica %s: %s; reading from the primary",
+                    self.describe(self.reading), why)  # fmt: skip
+        self._avoided[self.reading] = time.monotonic() + _AVOID_SECONDS
+        self.reading, self.read_lag = None, (0, 0.0)
+        self.suspect(why)
+        return True
 
     async def _apply(self, primary: Address | None, replicas: list[Address]) -> bool:
         self.replicas = replicas
@@ -733,6 +744,25 @@ def _multi_host(url: str, default_port: int) -> tuple[str, list[Address]]:
     if parts.query:
         plain += "?" + parts.query
     return plain, hosts
+
+
+def _healthy_replicas(entries: Any) -> list[Address]:
+    """The replicas a Sentinel lists that can serve reads now.
+
+    redis-py's ``filter_slaves`` drops only those marked down.  Right after a
+    failover the old primary is listed as a replica of the new one long before
+    a Sentinel marks it down (``down-after-milliseconds``): a reader sent there
+    would dial a dead server.  A replica counts only when its Sentinel link is
+    up and it reports its link to the primary up.
+    """
+    found: list[Address] = []
+    for entry in entries or ():
+        if entry.get("is_sdown") or entry.get("is_odown") or entry.get("is_disconnected"):
+            continue
+        if _text(entry.get("master-link-status", "")) != "ok":
+            continue
+        found.append((_text(entry["ip"]), int(entry["port"])))
+    return found
 
 
 def _sentinel_url(url: str, keys: Keys, service: str | None, common: dict[str, Any]) -> Topology:

@@ -21,7 +21,7 @@ from redis.crc import key_slot
 from banbus import InvalidInput, Node
 from banbus._keys import namespace_keys
 from banbus._servers import RedisCluster, SentinelGroup, free_port
-from banbus._topology import open_topology
+from banbus._topology import _healthy_replicas, open_topology
 
 from ._helpers import assert_converged, eventually, keys, reloaded_after_loss, synced, until
 from ._net import HTTPClient, streams_server
@@ -209,61 +209,118 @@ async def test_sentinel_unreplicated_acknowledged_bans_are_restored(namespace: s
             async with (
                 Node(g.url, namespace=namespace, node_id="a", **OPTIONS) as a,
                 Node(g.url, namespace=namespace, node_id="b", **OPTIONS) as b,
-                Node(g.url, namespace=namespace, node_id="r", read_from="replica",
-                     **OPTIONS) as r,
                 client_of(g.replicas[0].port) as replica,
-            ):  # fmt: skip
-                assert r.statistics().reading_from == f"127.0.0.1:{g.replicas[0].port}"
-                first = await a.ban("203.0.113.1", reason="replicated")
-                await synced(first.seq, a, b, r)
-                proxy.hold("replica", "down")  # the primary's writes stop reaching the replica
-                second = await a.ban("203.0.113.2", reason="acknowledged")
-                third = await b.ban("198.51.100.0/24", reason="acknowledged")
-                assert second.seq > 0 and third.seq > 0  # the primary took them
-                await synced(third.seq, a, b)
-                await eventually(lambda: r.statistics().read_lag_events == 2, 10.0, "lag seen")
-                assert not r.is_banned("203.0.113.2")
-                assert not await replica.hexists(k.bans, "203.0.113.2")  # really not replicated
-                applied_by_r = r.statistics().events_applied
-                g.primary.stop()
-                await until(lambda: _role_is_master(replica), 30.0, "the replica promoted")
-                promoted = f"127.0.0.1:{g.replicas[0].port}"
-                await eventually(
-                    lambda: all(n.statistics().primary == promoted for n in (a, b, r)),
-                    30.0,
-                    "every node follows",
-                )
-                await answered(a, b)
-                await eventually(
-                    lambda: (
-                        all(n.statistics().reseed_pending == 0 for n in (a, b, r))
-                        and r.is_banned("203.0.113.2")
-                        and r.is_banned("198.51.100.7")
-                    ),
-                    30.0,
-                    "restored",
-                )
-                # a and b had read events the new primary never got: each sees
-                # a loss when its reader reconnects (even once the other has put
-                # the bans back and the seqs match again: its last entry is not
-                # in the new stream), and they restore what is missing.
-                await eventually(
-                    lambda: all(reloaded_after_loss(n) for n in (a, b)), 15.0, "losses seen"
-                )
-                record = await assert_converged(replica, namespace, a, b, r)
-                assert {("ban", "203.0.113.1"), ("ban", "203.0.113.2"),
-                        ("ban", "198.51.100.0/24")} <= set(record)  # fmt: skip
-                sa, sb, sr = a.statistics(), b.statistics(), r.statistics()
-                assert sa.reseed_written + sb.reseed_written >= 2
-                # r read from the replica all along: no loss, no reload, no
-                # skipped entry — the restored bans reached it as new events.
-                assert (sr.losses, sr.resyncs, sr.events_skipped) == (0, 0, 0)
-                assert sr.events_applied >= applied_by_r + 2
-                for s in (sa, sb, sr):
-                    assert s.topology_changes >= 1
-                assert sr.read_lag_events == 0  # it reads from the new primary
+            ):
+                await until(lambda: _has_library(replica), 10.0, "the library replicated")
+                async with Node(g.url, namespace=namespace, node_id="r",
+                                read_from="replica", **OPTIONS) as r:  # fmt: skip
+                    assert r.statistics().reading_from == f"127.0.0.1:{g.replicas[0].port}"
+                    first = await a.ban("203.0.113.1", reason="replicated")
+                    await synced(first.seq, a, b, r)
+                    proxy.hold("replica", "down")  # the primary's writes stop reaching the replica
+                    second = await a.ban("203.0.113.2", reason="acknowledged")
+                    third = await b.ban("198.51.100.0/24", reason="acknowledged")
+                    assert second.seq > 0 and third.seq > 0  # the primary took them
+                    await synced(third.seq, a, b)
+                    await eventually(lambda: r.statistics().read_lag_events == 2, 10.0, "lag seen")
+                    assert not r.is_banned("203.0.113.2")
+                    assert not await replica.hexists(k.bans, "203.0.113.2")  # really not replicated
+                    applied_by_r = r.statistics().events_applied
+                    g.primary.stop()
+                    await until(lambda: _role_is_master(replica), 30.0, "the replica promoted")
+                    promoted = f"127.0.0.1:{g.replicas[0].port}"
+                    await eventually(
+                        lambda: all(n.statistics().primary == promoted for n in (a, b, r)),
+                        30.0,
+                        "every node follows",
+                    )
+                    await answered(a, b)
+                    await eventually(
+                        lambda: (
+                            all(n.statistics().reseed_pending == 0 for n in (a, b, r))
+                            and r.is_banned("203.0.113.2")
+                            and r.is_banned("198.51.100.7")
+                        ),
+                        30.0,
+                        "restored",
+                    )
+                    # a and b had read events the new primary never got: each sees
+                    # a loss when its reader reconnects (even once the other has put
+                    # the bans back and the seqs match again: its last entry is not
+                    # in the new stream), and they restore what is missing.
+                    await eventually(
+                        lambda: all(reloaded_after_loss(n) for n in (a, b)), 15.0, "losses seen"
+                    )
+                    record = await assert_converged(replica, namespace, a, b, r)
+                    assert {("ban", "203.0.113.1"), ("ban", "203.0.113.2"),
+                            ("ban", "198.51.100.0/24")} <= set(record)  # fmt: skip
+                    sa, sb, sr = a.statistics(), b.statistics(), r.statistics()
+                    assert sa.reseed_written + sb.reseed_written >= 2
+                    # r read from the replica all along: no loss, no reload, no
+                    # skipped entry — the restored bans reached it as new events.
+                    assert (sr.losses, sr.resyncs, sr.events_skipped) == (0, 0, 0)
+                    assert sr.events_applied >= applied_by_r + 2
+                    for s in (sa, sb, sr):
+                        assert s.topology_changes >= 1
+                    # Sentinel lists the dead old primary as a replica of the new
+                    # one at once: it is no place to read from.
+                    assert sr.reading_from == promoted
+                    assert sr.read_lag_events == 0  # it reads from the new primary
         finally:
             g.close()
+
+
+def test_sentinel_replicas_read_from_only_when_their_link_is_up() -> None:
+    """Right after a failover a Sentinel lists the old (dead) primary as a replica,
+    not yet marked down; a replica reader must not be sent there."""
+
+    def entry(port: int, flags: str, link: str) -> dict[str, Any]:
+        state = {"ip": "127.0.0.1", "port": port, "master-link-status": link,
+                 "is_sdown": "s_down" in flags, "is_odown": "o_down" in flags,
+                 "is_disconnected": "disconnected" in flags}  # fmt: skip
+        return state
+
+    listed = [entry(1, "slave", "ok"), entry(2, "slave", "err"),
+              entry(3, "s_down,slave", "ok"), entry(4, "slave,disconnected", "ok"),
+              entry(5, "slave", "ok")]  # fmt: skip
+    assert _healthy_replicas(listed) == [("127.0.0.1", 1), ("127.0.0.1", 5)]
+    assert _healthy_replicas(None) == []
+
+
+@pytest.mark.slow
+@pytest.mark.real_redis
+async def test_replica_without_the_library_reader_falls_back_to_the_primary(
+    namespace: str,
+) -> None:
+    """A replica that has not received the function library yet (new, or still
+    syncing) cannot serve the bootstrap: the node starts from the primary instead of
+    failing, and says so."""
+    if not HAVE_REAL:
+        pytest.skip(NO_REAL_REASON)
+    primary_port = free_port()
+    async with Proxy("127.0.0.1", primary_port, replica_source="127.0.0.9") as proxy:
+        g = SentinelGroup(primary_port=primary_port, via=proxy.port)
+        try:
+            await anyio.to_thread.run_sync(g.start)
+            proxy.hold("replica", "down")  # nothing the primary gets reaches the replica
+            async with (
+                client_of(g.replicas[0].port) as replica,
+                Node(g.url, namespace=namespace, node_id="a", **OPTIONS) as a,
+                Node(g.url, namespace=namespace, node_id="r", read_from="replica",
+                     **OPTIONS) as r,
+            ):  # fmt: skip
+                assert not await _has_library(replica)
+                assert r.statistics().reading_from == f"127.0.0.1:{proxy.port}"  # the primary
+                ban = await a.ban("203.0.113.9")
+                await synced(ban.seq, r)
+                assert r.is_banned("203.0.113.9")
+                proxy.release("replica", "down")
+        finally:
+            g.close()
+
+
+async def _has_library(client: aioredis.Redis) -> bool:
+    return bool(await client.execute_command("FUNCTION", "LIST", "LIBRARYNAME", "banbus"))
 
 
 async def _role_is_master(client: aioredis.Redis) -> bool:
