@@ -6,8 +6,10 @@ with a TLS port and a CA the suite makes (``trustme``).
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -23,46 +25,48 @@ from ._helpers import assert_converged, eventually, keys, nodes, synced
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
-    from pathlib import Path
 
     from banbus._servers import RedisProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.real_redis]
 
-#: The ACL lines of README "Deploying", for namespace ``{ns}``: what each role may do.
-ACL_ROLES = {
-    # A node that bans: the functions, and what they run inside (Redis 7
-    # checks every command a function runs against the caller's ACL).
-    "node": (
-        "on >{password} resetkeys ~{{{ns}}}:* resetchannels -@all "
-        "+fcall +fcall_ro +xread +xrange +xrevrange +xadd +xdel +xsetid +xinfo|stream "
-        "+hscan +hget +hmget +hset +hdel +hlen +hincrby "
-        "+zadd +zrem +zcard +zcount +zscore +zrange +zrangebyscore +zremrangebyrank "
-        "+get +set +del +incr +decr +exists +type +pexpire +time +ping +hello "
-        "+client|setname +cluster|shards +readonly"
-    ),
-    # A node that only follows (Node(..., reseed=False)): it cannot write.
-    "follower": (
-        "on >{password} resetkeys ~{{{ns}}}:* resetchannels -@all "
-        "+fcall_ro +xread +xrange +xrevrange +hscan +hget +hmget +hlen "
-        "+zcount +zrangebyscore +get +time +ping +hello +client|setname +cluster|shards +readonly"
-    ),
-    # An operator: the node's rights, loading the function library, and
-    # MULTI/EXEC (`banbus check` reads the clock and the record in one).
-    "operator": (
-        "on >{password} resetkeys ~{{{ns}}}:* resetchannels -@all "
-        "+fcall +fcall_ro +function|load +multi +exec +xread +xrange +xrevrange +xadd +xdel "
-        "+xsetid +xinfo|stream +hscan +hget +hmget +hset +hdel +hlen +hincrby "
-        "+zadd +zrem +zcard +zcount +zscore +zrange +zrangebyscore +zremrangebyrank "
-        "+get +set +del +incr +decr +exists +type +pexpire +time +ping +hello "
-        "+client|setname +cluster|shards"
-    ),
-}
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _documented_roles() -> dict[str, list[str]]:
+    """The ``ACL SETUSER`` lines of README "Deploying", as the shell reads them: the
+    suite creates its users with exactly these rules."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("### Least-privilege ACL users", 1)[1].split("\n### ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    roles: dict[str, list[str]] = {}
+    for command in block.replace("\\\n", " ").splitlines():
+        words = shlex.split(command)
+        if words[:3] == ["redis-cli", "ACL", "SETUSER"]:
+            roles[words[3].removeprefix("banbus-")] = words[4:]
+    return roles
+
+
+def test_the_documented_acl_lines() -> None:
+    """One user per role, each scoped to the namespace's keys and no channel, with a
+    password to change; only the operator may load the library."""
+    roles = _documented_roles()
+    assert set(roles) == {"node", "follower", "operator"}
+    for rule in roles.values():
+        assert rule[:5] == ["on", ">CHANGE-ME", "resetkeys", "~{banbus}:*", "resetchannels"]
+        assert "-@all" in rule
+        assert not any(w.startswith(("~", "%", "&", "allkeys")) for w in rule[5:])
+    assert "+function|load" in roles["operator"]
+    assert "+function|load" not in roles["node"] + roles["follower"]
+    assert not {"+fcall", "+xadd", "+hset", "+set", "+del"} & set(roles["follower"])
 
 
 async def _user(admin: aioredis.Redis, name: str, role: str, ns: str) -> None:
-    rule = ACL_ROLES[role].format(password=f"{name}-pw", ns=ns)
-    await admin.execute_command("ACL", "SETUSER", name, *rule.split())
+    rule = [
+        word.replace(">CHANGE-ME", f">{name}-pw").replace("~{banbus}:*", f"~{{{ns}}}:*")
+        for word in _documented_roles()[role]
+    ]
+    await admin.execute_command("ACL", "SETUSER", name, *rule)
 
 
 def _url(proc: RedisProcess, user: str) -> str:
