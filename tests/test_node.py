@@ -1167,6 +1167,7 @@ async def test_compact_node_bootstraps_and_follows(redis_url: str, namespace: st
             await eventually(lambda: not small.is_banned("203.0.113.8"), 5.0, "unban")
 
 
+@pytest.mark.real_redis  # fakeredis refuses AUTH of the password-less default user
 async def test_redis_py_reader_fallback(
     redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch, admin: aioredis.Redis
 ) -> None:
