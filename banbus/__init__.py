@@ -21,6 +21,7 @@ from ._exceptions import (
 )
 from ._model import Allow, Ban, BanRecord, Disallow, Event, Unban, parse_ttl
 from ._node import Node, NodeStatistics
+from ._policy import Policy, Report
 from ._supervisor import BanSource, Supervisor, SupervisorStatistics, TrackedConnection
 from ._targets import Target, parse_target
 
@@ -42,7 +43,9 @@ __all__ = [
     "Node",
     "NodeClosed",
     "NodeStatistics",
+    "Policy",
     "RedisUnavailable",
+    "Report",
     "ServerError",
     "Supervisor",
     "SupervisorStatistics",

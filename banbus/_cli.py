@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -25,11 +26,13 @@ from ._library import ensure_library, translate_error
 from ._model import (
     BanRecord,
     Entry,
+    Notice,
     check_reason,
     decode_entry,
     entry_decoder,
     parse_ttl,
 )
+from ._policy import BUILTIN_POLICIES, check_kind, check_weight
 from ._targets import format_target, parse_target
 from ._topology import open_topology, redirected
 
@@ -100,6 +103,41 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--count", type=int, default=0, help="exit after this many events")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p = sub.add_parser(
+        "report", help="count an offense (the report that crosses the kind's policy bans)"
+    )
+    p.add_argument("ip", help="the address that offended")
+    p.add_argument("kind", help="the policy: scan, auth, or one set with 'policy set'")
+    p.add_argument("--weight", type=int, default=1, help="offenses it counts for (default 1)")
+    p.add_argument("--detail", default="", help="context for the reason (sanitised)")
+    policy = sub.add_parser("policy", help="auto-ban policies: set, list, delete")
+    psub = policy.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = psub.add_parser(
+        "set", help="create or change a policy",
+        description="Ban an address when THRESHOLD offenses fall within WINDOW.  Options not "
+        "given keep their current value (a new policy needs --threshold, --window and --ttl).",
+    )  # fmt: skip
+    p.add_argument("kind")
+    p.add_argument("--threshold", type=int, help="offenses within the window that ban")
+    p.add_argument("--window", help="the sliding window: 90s, 10m, 1h, 1d …")
+    p.add_argument("--ttl", help="the first ban's length (0 = permanent)")
+    p.add_argument("--escalate", help="each further ban within --forget lasts this many times "
+                   "longer (1 = no escalation)")  # fmt: skip
+    p.add_argument("--max-ttl", dest="max_ttl", help="the longest an escalated ban lasts")
+    p.add_argument("--forget", help="strikes are forgotten this long after the last ban ended")
+    p.add_argument("--ipv4-prefix", dest="ipv4_prefix", type=int,
+                   help="count and ban IPv4 addresses as this prefix (default 32)")  # fmt: skip
+    p.add_argument("--ipv6-prefix", dest="ipv6_prefix", type=int,
+                   help="count and ban IPv6 addresses as this prefix (default 64)")  # fmt: skip
+    shadow = p.add_mutually_exclusive_group()
+    shadow.add_argument("--shadow", dest="shadow", action="store_const", const=1,
+                        help="count, and record 'would ban', but ban nothing")  # fmt: skip
+    shadow.add_argument("--enforce", dest="shadow", action="store_const", const=0,
+                        help="leave shadow mode")  # fmt: skip
+    p = psub.add_parser("list", help="the policies in force (built-in ones included)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = psub.add_parser("delete", help="delete a policy (a built-in one reverts to its default)")
+    p.add_argument("kind")
     p = sub.add_parser("demo", help="run the live demo (3 nodes, a scanner, a ban)",
                        add_help=False)  # fmt: skip
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -136,7 +174,7 @@ async def _run(args: argparse.Namespace) -> int:
     commands = {
         "ban": _cmd_write, "allow": _cmd_write, "unban": _cmd_remove, "disallow": _cmd_remove,
         "list": _cmd_list, "check": _cmd_check, "watch": _cmd_watch, "clear": _cmd_clear,
-        "repair": _cmd_repair,
+        "repair": _cmd_repair, "report": _cmd_report, "policy": _cmd_policy,
     }  # fmt: skip
     # Validate before connecting: bad input writes nothing and needs no server.
     if args.command in ("ban", "allow"):
@@ -149,6 +187,18 @@ async def _run(args: argparse.Namespace) -> int:
         raise InvalidInput(
             f"clear deletes every ban of namespace {args.namespace!r}; add --yes to confirm"
         )
+    elif args.command == "report":
+        target = parse_target(args.ip, force=True)
+        if target.is_network:
+            raise InvalidInput(f"report takes the address that offended, not {target.text}")
+        args.canonical = target.text
+        check_kind(args.kind)
+        check_weight(args.weight)
+    elif args.command == "policy":
+        if args.action != "list":
+            check_kind(args.kind)
+        if args.action == "set":
+            args.fields = _policy_fields(args)
     elif args.command == "check":
         from ._targets import normalize_peer
 
@@ -224,6 +274,89 @@ async def _cmd_repair(client: aioredis.Redis, args: argparse.Namespace) -> int:
         print(f"digest of {args.namespace!r} was right ({after})")
     else:
         print(f"digest of {args.namespace!r} recomputed: {before} -> {after}; nodes reload")
+    return EXIT_OK
+
+
+def _policy_fields(args: argparse.Namespace) -> list[str | int]:
+    """``banbus policy set`` options as the library's words (durations in seconds)."""
+    fields: list[str | int] = []
+    for name in ("threshold", "window", "ttl", "escalate", "max_ttl", "forget", "ipv4_prefix",
+                 "ipv6_prefix", "shadow"):  # fmt: skip
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name in ("window", "ttl", "max_ttl", "forget"):
+            value = parse_ttl(value)
+            if name in ("window", "max_ttl") and value == 0:
+                raise InvalidInput(f"--{name.replace('_', '-')} must be longer than 0")
+        elif name == "escalate":
+            try:
+                factor = float(value)
+            except ValueError:
+                raise InvalidInput(f"--escalate {value!r} is not a number") from None
+            if not 1 <= factor <= 100:
+                raise InvalidInput(f"--escalate {value} is outside 1..100")
+            value = f"{factor:g}"
+        fields += [name.upper(), value]
+    return fields
+
+
+async def _cmd_report(client: aioredis.Redis, args: argparse.Namespace) -> int:
+    extra = ["DETAIL", args.detail] if args.detail else []
+    reply = await client.fcall(
+        "banbus_report", 1, _key(args), args.canonical, args.kind, args.weight,
+        "ORIGIN", "cli", *extra,
+    )  # fmt: skip
+    status, count, threshold, target, seq, _sid, expires, strike, window, ttl, reason = (
+        _s(x) if isinstance(x, bytes | str) else x for x in reply
+    )
+    head = (
+        f"{args.kind} {_human(target)}: {int(count)}/{int(threshold)} in {_duration(int(window))}"
+    )
+    if status == "banned":
+        print(f"{head}: banned {_until(int(expires))} (strike {int(strike)}, seq {int(seq)}), "
+              f"reason={json.dumps(reason, ensure_ascii=False)}")  # fmt: skip
+    elif status == "shadow":
+        print(f"{head}: would ban for {_duration(int(ttl))} (policy in shadow mode)")
+    elif status == "already":
+        print(f"{head}: crossed, already banned")
+    elif status == "allowed":
+        print(f"{head}: crossed, but the allowlist covers it")
+    else:
+        print(head)
+    return EXIT_OK
+
+
+async def _cmd_policy(client: aioredis.Redis, args: argparse.Namespace) -> int:
+    if args.action == "set":
+        kind, text = await client.fcall("banbus_policy", 1, _key(args), "SET", args.kind,
+                                        *args.fields)  # fmt: skip
+        print(f"{_s(kind)}: {_s(text)}")
+        return EXIT_OK
+    if args.action == "delete":
+        removed = await client.fcall("banbus_policy", 1, _key(args), "DELETE", args.kind)
+        if args.kind in BUILTIN_POLICIES:
+            print(f"{args.kind}: back to the built-in default")
+        elif int(removed):
+            print(f"{args.kind}: deleted")
+        else:
+            print(f"{args.kind}: no such policy; nothing to do")
+        return EXIT_OK
+    rows = await client.fcall_ro("banbus_policies", 1, _key(args))
+    items = []
+    for row in rows:
+        kind, text, source, crossings = _s(row[0]), _s(row[1]), _s(row[2]), int(row[3])
+        items.append({"kind": kind, "policy": text, "source": source,
+                      "shadow_crossings": crossings})  # fmt: skip
+    if args.json:
+        print(json.dumps(items, ensure_ascii=False))
+        return EXIT_OK
+    for item in items:
+        extra = (
+            f"  (shadow crossings: {item['shadow_crossings']})" if item["shadow_crossings"] else ""
+        )
+        print(f"{_human(str(item['kind'])):<12} {_human(str(item['policy']))}  "
+              f"[{_human(str(item['source']))}]{extra}")  # fmt: skip
     return EXIT_OK
 
 
@@ -381,6 +514,15 @@ def _event_line(entry_id: str, fields: dict[str, str], as_json: bool) -> str:
     if as_json:
         data = msgspec.to_builtins(event)
         return json.dumps({"id": entry_id, "time": when, **data}, ensure_ascii=False)
+    if isinstance(event, Notice):
+        if event.name != "would_ban":
+            return (f"{when}  {entry_id}  {_human(event.name)}: not an op of this version, "
+                    "skipped by nodes (a newer version's notice, or written by hand)")  # fmt: skip
+        return "  ".join([
+            when, "would ban", _human(event.target), f"for {_duration(event.ttl)}",
+            f"reason={json.dumps(event.reason, ensure_ascii=False)}",
+            f"origin={_human(event.origin) or '?'}", "(shadow mode)",
+        ])  # fmt: skip
     op = type(event).__name__.lower()
     parts = [when, f"{op:<8}", getattr(event, "target", "*")]
     expires = getattr(event, "expires", None)
@@ -409,6 +551,14 @@ def _duration(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}{_duration(seconds % size) if seconds % size else ''}"
     return f"{seconds}s"
+
+
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069\u061c]")
+
+
+def _human(text: str) -> str:
+    """*text* for a terminal: control, C1 and bidi characters as escapes."""
+    return _UNSAFE.sub(lambda m: m[0].encode("unicode_escape").decode(), text)
 
 
 def _s(value: bytes | str) -> str:

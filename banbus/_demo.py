@@ -1,11 +1,13 @@
-"""``banbus demo``: watch a ban decided on one node cut a scanner off on every node.
+"""``banbus demo``: a scanner's probes counted across nodes, one ban, every node cuts it.
 
 Three nodes share one Redis; each serves HTTP/1.1 keep-alive through
 ``asyncio.start_server`` + ``node.protect``.  A fourth server checks bans only
 at accept, like most servers do.  A scanner from 127.0.0.2 replays real probe
-paths over one keep-alive connection per server.  Node 1 bans it after a few
-probes; the demo prints when each node cut its connection, and how the
-accept-only server kept answering.
+paths over one keep-alive connection per server.  Every node reports each
+probe (``node.report(ip, "scan")``); Redis counts them across nodes and the
+report that crosses the built-in ``scan`` policy creates the ban.  The demo
+prints the counting, the crossing, when each node cut its connection, and how
+the accept-only server kept answering.
 
 Exit status: 0 when every banbus node cut the scanner and refused its
 reconnection, 1 otherwise, 2 when Redis could not be set up.
@@ -48,8 +50,8 @@ PROBES = (
     "/server-status",
     "/backup.zip",
 )
-#: Probes node 1 tolerates before it bans.
-THRESHOLD = 4
+#: The built-in ``scan`` policy bans at this many probes (counted across nodes).
+THRESHOLD = 3
 #: Pause between two probes on one connection.
 PACE = 0.025
 #: How long the accept-only server is watched after the ban.
@@ -102,8 +104,10 @@ class _Clock:
     ban_at: float | None = None
     ban_seq: int = 0
     published_at: float | None = None
-    decided: tuple[float, str] | None = None
+    decided: tuple[float, str, str] | None = None
     ban_done: anyio.Event = field(default_factory=anyio.Event)
+    #: (perf_counter, node, count, path) of every probe reported before the ban.
+    counted: list[tuple[float, str, int, str]] = field(default_factory=list)
 
 
 def _response(status: int, reason: str, body: bytes) -> bytes:
@@ -253,7 +257,10 @@ async def run_demo(
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
-    say(s.bold("banbus demo") + " — a ban decided on one node cuts a scanner off on every node")
+    say(
+        s.bold("banbus demo") + " — a scanner's probes counted across nodes, one ban, "
+        "every node cuts it"
+    )
     say()
     if not _source_is_usable():
         say(s.red(f"cannot bind the scanner's source address {SCANNER_IP}"))
@@ -294,25 +301,33 @@ async def _run(redis_url: str, where: str, s: _Style, say: Any) -> int:
 
     try:
         async with contextlib.AsyncExitStack() as stack:
+            # The scanner comes from loopback (127.0.0.2), which nodes never
+            # auto-ban by default: this demo lifts that.
             nodes = [
                 await stack.enter_async_context(
-                    Node(redis_url, namespace=namespace, node_id=t.name, block_ms=1000)
+                    Node(
+                        redis_url, namespace=namespace, node_id=t.name, block_ms=1000, never_ban=[]
+                    )
                 )
                 for t in targets
             ]
-            node1 = nodes[0]
 
-            async def on_probe(peer: str, path: str) -> None:
-                probes_seen[peer] = probes_seen.get(peer, 0) + 1
-                if probes_seen[peer] != THRESHOLD:
-                    return
-                clock.decided = (time.perf_counter(), path)
-                clock.ban_at = time.perf_counter()
-                reason = f"scanner: {THRESHOLD} probes for missing files"
-                record = await node1.ban(peer, ttl=600, reason=reason)
-                clock.published_at = time.perf_counter()
-                clock.ban_seq = record.seq
-                clock.ban_done.set()
+            def prober(node: Node) -> Any:
+                async def on_probe(peer: str, path: str) -> None:
+                    probes_seen[peer] = probes_seen.get(peer, 0) + 1
+                    at = time.perf_counter()
+                    report = await node.report(peer, "scan", detail=path)
+                    if report.status in ("counted", "banned"):
+                        clock.counted.append((at, node.node_id, report.count, path))
+                    if report.banned is None:
+                        return
+                    clock.decided = (at, path, node.node_id)
+                    clock.ban_at = at
+                    clock.published_at = time.perf_counter()
+                    clock.ban_seq = report.banned.seq
+                    clock.ban_done.set()
+
+                return on_probe
 
             for node, target in zip(nodes, targets, strict=True):
 
@@ -325,7 +340,7 @@ async def _run(redis_url: str, where: str, s: _Style, say: Any) -> int:
                 async def handler(
                     reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter,
-                    probe: Any = on_probe if node is node1 else None,
+                    probe: Any = prober(node),  # noqa: B008 (one per node, bound now)
                 ) -> None:
                     await _serve_http(reader, writer, probe)
 
@@ -362,8 +377,11 @@ async def _run(redis_url: str, where: str, s: _Style, say: Any) -> int:
                 f"  {s.dim('scanner')}  {SCANNER_IP}, one keep-alive connection per server, "
                 f"a probe every {PACE * 1000:.0f} ms"
             )
-            policy = f"node1 bans a client after {THRESHOLD} probes for missing files"
+            scan = next(p for p in await nodes[0].policies() if p.kind == "scan")
+            policy = (f"scan: {scan.threshold} probes for missing files within "
+                      f"{scan.window // 60} min, counted across all nodes in Redis")  # fmt: skip
             say(f"  {s.dim('policy ')}  {policy}")
+            say(f"  {s.dim('       ')}  " + s.dim("each node: await node.report(ip, 'scan')"))
             say()
 
             stop = anyio.Event()
@@ -379,7 +397,7 @@ async def _run(redis_url: str, where: str, s: _Style, say: Any) -> int:
                     stop.set()
 
             if clock.ban_at is None:
-                say(s.red("node1 never banned the scanner (no probes got through?)"))
+                say(s.red("no report banned the scanner (no probes got through?)"))
                 return 1
             for t in [*targets, control]:
                 t.refused_again = await _refused(t.port)
@@ -406,24 +424,27 @@ def _report(
     rows: list[tuple[float, str, str]] = []
     first = min((p[0] for t in targets for p in t.probes), default=t0)
     rows.append((first, "scanner", f"first probe answered ({PROBES[0]}), on all four servers"))
-    if clock.decided is not None:
-        decided = f"probe #{THRESHOLD} ({clock.decided[1]}) → ban decided"
-        rows.append((clock.decided[0] - 1e-9, "node1", decided))
-    issued = s.bold(f"ban {SCANNER_IP} issued") + s.dim("   await node1.ban(ip, ttl=600)")
-    rows.append((t0, "node1", issued))
+    decider = clock.decided[2] if clock.decided is not None else "?"
+    for at, who, count, path in clock.counted:
+        if at < t0:
+            counted = f"probe {path} reported: {count}/{THRESHOLD} cluster-wide"
+            rows.append((at, who, s.dim(counted)))
+    issued = (s.bold(f"probe #{THRESHOLD} crosses the policy: ban {SCANNER_IP} created")
+              + s.dim("   (that node.report() call)"))  # fmt: skip
+    rows.append((t0, decider, issued))
     for t in targets:
         if t.server_cut is not None:
             rows.append((t.server_cut, t.name, s.green("open connection cut (RST)")))
         if t.client_cut is not None:
             rows.append((t.client_cut, "scanner", s.dim(f"sees the {t.how} from {t.name}")))
     if clock.published_at is not None:
-        acked = f"node1.ban() returns: Redis acknowledged event seq {clock.ban_seq}"
-        rows.append((clock.published_at, "node1", s.dim(acked)))
+        acked = f"report() returns the ban (event seq {clock.ban_seq}), enforced here"
+        rows.append((clock.published_at, decider, s.dim(acked)))
     still = f"still answering the scanner: {control.answered_after_ban} probes since the ban"
     rows.append((t0 + AFTER, control.name, s.yellow(still)))
     rows.sort(key=lambda r: r[0])
 
-    say(s.bold("  timeline") + s.dim("   0 = ban issued on node1"))
+    say(s.bold("  timeline") + s.dim("   0 = the report that crossed the policy"))
     for at, who, what in rows:
         say(f"  {_ms(at - t0):>11}  {s.cyan(f'{who:<11}')}  {what}")
     say()
@@ -491,8 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     """``banbus demo [--redis URL] [--no-color]``."""
     parser = argparse.ArgumentParser(
         prog="banbus demo",
-        description="Three banbus nodes, a scanner on keep-alive connections, and a ban "
-        "decided on node 1: see every node cut the scanner within milliseconds.",
+        description="Three banbus nodes, a scanner on keep-alive connections: its probes are "
+        "counted across the nodes, one report crosses the policy and bans it, and every node "
+        "cuts it within milliseconds.",
     )
     parser.add_argument("--redis", metavar="URL", default=None,
                         help="use this Redis (default: start redis-server on a free port, "

@@ -65,7 +65,7 @@ import anyio
 import msgspec
 
 from ._exceptions import InvalidInput
-from ._model import Ban, Clear, TargetEvent, Unban, ban_fields, decode_flat
+from ._model import Ban, Clear, Notice, TargetEvent, Unban, ban_fields, decode_flat
 from ._targets import parse_target
 
 if TYPE_CHECKING:
@@ -173,7 +173,9 @@ class Follower:
         self.digest_due: Callable[[], bool] = lambda: False
         #: Does anybody listen to ban notifications?  (Skips the call when not.)
         self.listening: Callable[[], bool] = lambda: True
-        self.stats = dict.fromkeys(("applied", "skipped", "own", "forged"), 0)
+        self.stats = dict.fromkeys(
+            ("applied", "skipped", "own", "forged", "notices", "would_ban"), 0
+        )
         self.lag_ms = 0.0
         self.max_lag_ms = 0.0
         self._skip_logged = 0
@@ -362,6 +364,12 @@ class Follower:
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 self.skip(f"stream entry {entry_id}", str(exc))
                 cursor = entry_id
+                continue
+            if isinstance(event, Notice):  # no seq: changes nothing held here
+                cursor = entry_id
+                stats["notices"] += 1
+                if event.name == "would_ban":
+                    stats["would_ban"] += 1
                 continue
             if event.seq == 0:
                 self.skip(f"stream entry {entry_id}", "no sequence number (not written by "

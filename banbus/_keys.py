@@ -88,6 +88,14 @@ DIGEST_P2: Final = 67_108_837
 #: this expire before its cutoff: it must stay cheap for Redis.
 DIGEST_EXCLUDE_LIMIT: Final = 10_000
 
+#: Auto-ban: the largest threshold (and weight) a policy may have; the sliding
+#: window keeps at most this many times per offender.
+MAX_THRESHOLD: Final = 1000
+#: Policies a namespace may define besides the built-in ones.
+MAX_POLICY_KINDS: Final = 64
+#: Attacker-controlled detail (a request path, a user name) kept in a reason.
+MAX_DETAIL_BYTES: Final = 200
+
 #: The values the Lua library carries, by the name its ``-- @NAME`` lines use.
 LIMITS: Final[dict[str, int]] = {
     "DEFAULT_MAXLEN": DEFAULT_MAXLEN,
@@ -105,6 +113,9 @@ LIMITS: Final[dict[str, int]] = {
     "DIGEST_P1": DIGEST_P1,
     "DIGEST_P2": DIGEST_P2,
     "DIGEST_EXCLUDE_LIMIT": DIGEST_EXCLUDE_LIMIT,
+    "MAX_THRESHOLD": MAX_THRESHOLD,
+    "MAX_POLICY_KINDS": MAX_POLICY_KINDS,
+    "MAX_DETAIL_BYTES": MAX_DETAIL_BYTES,
 }
 
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")

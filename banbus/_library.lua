@@ -17,6 +17,14 @@ keywords are case-insensitive):
   FCALL banbus_disallow 1 NS target [ORIGIN name] [EID id] [RETRY ms] [STATUS] [FORCE]
   FCALL banbus_clear    1 NS [ORIGIN name] [EID id] [RETRY ms] [STATUS]
   FCALL banbus_repair   1 NS        -> {stream_repaired, digest_before, digest_after}
+  FCALL banbus_report   1 NS ip kind [weight] [ORIGIN name] [DETAIL text]
+        -> {status, count, threshold, target, seq, stream_id, expires_ms, strike, window, ttl,
+            reason}
+  FCALL banbus_policy   1 NS SET kind [THRESHOLD n] [WINDOW s] [TTL s] [ESCALATE x]
+                                  [MAX_TTL s] [FORGET s] [IPV4_PREFIX n] [IPV6_PREFIX n]
+                                  [SHADOW 0|1]          -> {kind, stored text}
+  FCALL banbus_policy   1 NS DELETE kind                -> 1 | 0
+  FCALL_RO banbus_policies 1 NS     -> {{kind, text, source, shadow_crossings}, ...}
   FCALL_RO banbus_state   1 NS      -> {head_id, head_seq, epoch, server_ms, version}
   FCALL_RO banbus_digest  1 NS cutoff_ms -> {head_seq, head_id, status, d1, d2, n}
   FCALL_RO banbus_check   1 NS target [FORCE]   -> canonical target
@@ -48,6 +56,25 @@ keywords are case-insensitive):
   written all the same, and the removal remembered), duplicate, unverified,
   present, lifted (the last two write nothing: seq 0, stream_id "").
 
+Reports (auto-ban): `kind` names a policy (built in: scan, auth; others set
+with banbus_policy).  The address is widened to the policy's prefix (IPv6 /64
+by default) and its offenses counted in a sliding window: the times of the
+last `threshold` ones, in {NS}:offenses:<kind>:<target>, expiring with the
+window.  The report that brings `threshold` offenses within `window` seconds
+crosses: the window starts afresh and, unless the allowlist covers the
+address or a ban covers the target, a ban is written exactly like
+banbus_ban's, lasting ttl * escalate^(strike-1) (at most max_ttl), where the
+strike counts this kind's bans of the target until `forget` seconds after
+the last one ended ({NS}:strikes:<kind>:<target>).  Status: counted, banned,
+already, allowed, or shadow (policy in shadow mode: nothing banned; a
+`would_ban` entry without seq goes to the stream and {NS}:shadow counts it).
+DETAIL is attacker text (a path, a user name): sanitised into the reason,
+never a reason to refuse.
+
+Stream format: entries that change the record carry `seq`; informational
+entries (op would_ban) carry none, and a node skips any op it does not know
+that has no seq.
+
 Keys (one hash tag, so the namespace lives in one Cluster slot with KEYS[1]):
   {NS}:log        stream: op target [expires reason] origin eid seq
   {NS}:bans       hash target -> [expires_ms, reason, origin, seq] (JSON; 0 = permanent)
@@ -59,6 +86,9 @@ Keys (one hash tag, so the namespace lives in one Cluster slot with KEYS[1]):
   {NS}:removed    zset "b <target>" | "a <target>" | "*" (clear) -> ms of the
                   last removal (capped at TOMBSTONE_LIMIT members)
   {NS}:config     hash: maxlen, min_prefix_v4, min_prefix_v6, max_ttl (all optional)
+  {NS}:policies   hash kind -> "threshold=5 window=600 ttl=900 escalate=2 ..." (auto-ban)
+  {NS}:offenses:<kind>:<target>, {NS}:strikes:<kind>:<target>   strings (auto-ban)
+  {NS}:shadow     hash kind -> crossings in shadow mode
 
 Nothing here grows with the write rate: the stream is trimmed to maxlen, the
 tombstones to TOMBSTONE_LIMIT, the record holds live entries only.
@@ -75,7 +105,7 @@ Numbers are turned into strings with %.0f: tostring(1.8e12) is "1.8e+12".
 The lines marked "-- @NAME" carry limits from banbus/_keys.py (one source).
 ]]
 
-local VERSION = 4
+local VERSION = 5
 
 local DEFAULT_MAXLEN = 100000 -- @DEFAULT_MAXLEN
 local DEFAULT_MIN_V4 = 8 -- @DEFAULT_MIN_PREFIX_V4
@@ -469,10 +499,10 @@ end
 -- at that command, after the writes before it.  Touching them all first makes
 -- it fail before any write (the caller retries once the slot has settled).
 -- Elsewhere it costs one EXISTS.
-local function settled(ns)
+local function settled(ns, ...)
   redis.call('EXISTS', key(ns, 'log'), key(ns, 'bans'), key(ns, 'bans:exp'), key(ns, 'allow'),
     key(ns, 'allow:exp'), key(ns, 'seq'), key(ns, 'epoch'), key(ns, 'head'), key(ns, 'removed'),
-    key(ns, 'config'))
+    key(ns, 'config'), ...)
 end
 
 local function config_int(ns, name, value, default, low, high)
@@ -939,6 +969,8 @@ local OPS = {
   banbus_disallow = {op = 'disallow', kind = 'remove', table_name = 'allow', char = 'a'},
 }
 
+local store
+
 local function write(fname, keys, args)
   local spec = OPS[fname]
   local adding = spec.kind == 'add'
@@ -979,6 +1011,13 @@ local function write(fname, keys, args)
     if entry then return duplicate_reply(ns, entry, target) end
     if not complete then status = 'unverified' end
   end
+  return store(ns, spec, cfg, target, ttl, reason, opts, now, time, status)
+end
+
+-- Steps 3 to 5 of a write, once everything is validated (also the ban a
+-- report's crossing creates).
+store = function(ns, spec, cfg, target, ttl, reason, opts, now, time, status)
+  local adding = spec.kind == 'add'
 
   -- 3. Purge what has expired (nodes expire locally, so no events).
   purge(ns, 'b', 'bans', now)
@@ -1053,6 +1092,381 @@ local function write(fname, keys, args)
     return {seq, id, target, expires, status, epoch}
   end
   return {seq, id, target, expires}
+end
+
+-- ---------------------------------------------------------------------------
+-- Auto-ban: policies and offense counting (banbus_report)
+-- ---------------------------------------------------------------------------
+
+local MAX_THRESHOLD = 1000 -- @MAX_THRESHOLD
+local MAX_KINDS = 64 -- @MAX_POLICY_KINDS
+local MAX_DETAIL = 200 -- @MAX_DETAIL_BYTES
+local MAX_ESCALATE = 100
+
+-- Built-in policies: what `scan` and `auth` mean until an operator sets them
+-- (mirrors banbus/_policy.py BUILTIN_POLICIES).
+local BUILTIN_POLICIES = {
+  scan = 'threshold=3 window=300 ttl=3600 escalate=2 max_ttl=604800 forget=604800 '
+    .. 'ipv4_prefix=32 ipv6_prefix=64 shadow=0',
+  auth = 'threshold=5 window=600 ttl=900 escalate=2 max_ttl=86400 forget=86400 '
+    .. 'ipv4_prefix=32 ipv6_prefix=64 shadow=0',
+}
+local POLICY_DEFAULTS = 'escalate=1 max_ttl=604800 forget=86400 ipv4_prefix=32 ipv6_prefix=64 '
+  .. 'shadow=0'
+
+local function check_kind(kind)
+  if #kind < 1 or #kind > 32 or string.find(kind, '[^a-z0-9_.-]') then
+    fail('BANBUS_INVALID', 'kind ' .. describe(kind)
+      .. ' must be 1 to 32 characters of a-z 0-9 _ . -')
+  end
+end
+
+-- One field of a policy: `code` is BANBUS_INVALID for a call's argument and
+-- BANBUS_CONFIG for what is stored in {NS}:policies.
+local function policy_value(code, kind, name, text, cfg)
+  local decimal = name == 'escalate'
+  local ok = #text <= MAX_NUMBER and string.find(text, decimal and '^%d+%.?%d*$' or '^%d+$')
+  local low, high
+  if name == 'threshold' or name == 'weight' then low, high = 1, MAX_THRESHOLD
+  elseif name == 'window' then low, high = 1, MAX_TTL
+  elseif name == 'ttl' then low, high = 0, cfg.max_ttl
+  elseif name == 'escalate' then low, high = 1, MAX_ESCALATE
+  elseif name == 'max_ttl' then low, high = 1, cfg.max_ttl
+  elseif name == 'forget' then low, high = 0, MAX_TTL
+  elseif name == 'ipv4_prefix' then low, high = cfg.min_v4, 32
+  elseif name == 'ipv6_prefix' then low, high = cfg.min_v6, 128
+  elseif name == 'shadow' then low, high = 0, 1
+  else
+    fail(code, 'policy ' .. kind .. ': unknown field ' .. describe(name)
+      .. '; expected threshold, window, ttl, escalate, max_ttl, forget, ipv4_prefix, '
+      .. 'ipv6_prefix or shadow')
+  end
+  local where = code == 'BANBUS_INVALID' and (name .. ' ') or ('policy ' .. kind .. ' ' .. name .. ' ')
+  if not ok then
+    fail(code, where .. describe(text) .. ' is not a ' .. (decimal and 'number' or 'whole number'))
+  end
+  local n = tonumber(text)
+  if n < low or n > high then
+    fail(code, where .. text .. ' is outside ' .. fmt(low) .. '..' .. fmt(high))
+  end
+  return n
+end
+
+local POLICY_ORDER = {'threshold', 'window', 'ttl', 'escalate', 'max_ttl', 'forget',
+  'ipv4_prefix', 'ipv6_prefix', 'shadow'}
+
+local function read_fields(p, text, code, kind, cfg)
+  if #text > 1024 then
+    fail(code, 'policy ' .. kind .. ' is ' .. #text .. ' bytes long')
+  end
+  for name, value in string.gmatch(text, '([^%s=]+)=(%S*)') do
+    p[name] = policy_value(code, kind, name, value, cfg)
+  end
+end
+
+local function check_policy(p, code, kind)
+  for _, name in ipairs(POLICY_ORDER) do
+    if p[name] == nil then
+      fail(code, 'policy ' .. kind .. ' has no ' .. name
+        .. (code == 'BANBUS_INVALID' and ' (a new policy needs THRESHOLD, WINDOW and TTL)' or ''))
+    end
+  end
+  if p.ttl > 0 and p.ttl > p.max_ttl then
+    fail(code, 'policy ' .. kind .. ': ttl ' .. fmt(p.ttl) .. ' is above max_ttl ' .. fmt(p.max_ttl))
+  end
+end
+
+local function format_policy(p)
+  local out = {}
+  for _, name in ipairs(POLICY_ORDER) do
+    local v = p[name]
+    if name == 'escalate' then
+      out[#out + 1] = name .. '=' .. string.format('%.6g', v)
+    else
+      out[#out + 1] = name .. '=' .. fmt(v)
+    end
+  end
+  return table.concat(out, ' ')
+end
+
+local function stored_policy(ns, kind, cfg)
+  local text = redis.call('HGET', key(ns, 'policies'), kind)
+  local p = {}
+  if text then
+    read_fields(p, POLICY_DEFAULTS, 'BANBUS_CONFIG', kind, cfg)
+    read_fields(p, text, 'BANBUS_CONFIG', kind, cfg)
+  elseif BUILTIN_POLICIES[kind] then
+    read_fields(p, BUILTIN_POLICIES[kind], 'BANBUS_CONFIG', kind, cfg)
+  else
+    return nil
+  end
+  check_policy(p, 'BANBUS_CONFIG', kind)
+  return p
+end
+
+local function known_kinds(ns)
+  local kinds = {}
+  for name in pairs(BUILTIN_POLICIES) do kinds[name] = true end
+  for _, name in ipairs(redis.call('HKEYS', key(ns, 'policies'))) do kinds[name] = true end
+  local sorted = {}
+  for name in pairs(kinds) do sorted[#sorted + 1] = name end
+  table.sort(sorted)
+  return sorted
+end
+
+-- Attacker-controlled text (a request path, a user name) in a reason: control
+-- characters, C1 controls and bidi overrides become '?', invalid UTF-8 is
+-- dropped to ASCII, and the result is cut at a character boundary.
+local function sanitise(text, limit)
+  local s = string.sub(text, 1, limit * 4)
+  s = string.gsub(s, '[%z\1-\31\127]', '?')
+  s = string.gsub(s, '\194[\128-\159]', '?')        -- U+0080..U+009F
+  s = string.gsub(s, '\226\128[\142\143]', '?')     -- U+200E, U+200F
+  s = string.gsub(s, '\226\128[\168-\174]', '?')    -- U+2028..U+202E
+  s = string.gsub(s, '\226\129[\166-\169]', '?')    -- U+2066..U+2069
+  s = string.gsub(s, '\216\156', '?')               -- U+061C
+  if not valid_utf8(s) then
+    s = string.gsub(s, '[\128-\255]', '?')
+  end
+  if #s > limit then
+    local cut = limit
+    while cut > 0 do
+      local b = string.byte(s, cut + 1)
+      if b < 128 or b >= 192 then break end
+      cut = cut - 1
+    end
+    s = string.sub(s, 1, cut)
+  end
+  return s
+end
+
+local function duration(seconds)
+  local units = {{86400, 'd'}, {3600, 'h'}, {60, 'm'}}
+  for _, u in ipairs(units) do
+    if seconds >= u[1] and seconds % u[1] == 0 then
+      return fmt(seconds / u[1]) .. u[2]
+    end
+  end
+  return fmt(seconds) .. 's'
+end
+
+-- The live entry of `table_name` equal to the network of `groups`/`plen` or
+-- wider, or nil.  (One HMGET of every prefix: crossings only.)
+local function covering(ns, table_name, version, groups, plen, now)
+  local width = version == 4 and 32 or 16
+  local fields = {}
+  for p = plen, 1, -1 do
+    fields[#fields + 1] = format_net(version, mask_groups(groups, p, width), p)
+  end
+  local values = redis.call('HMGET', key(ns, table_name), unpack(fields))
+  for i = 1, #fields do
+    if values[i] then
+      local e = record_expires(values[i])
+      if e and (e == 0 or e > now) then return fields[i] end
+    end
+  end
+  return nil
+end
+
+local function address_groups(address)
+  local v4 = parse_v4(address)
+  if v4 then return 4, {v4}, 32 end
+  return 6, parse_v6(address), 128
+end
+
+local function report(keys, args)
+  local usage = 'FCALL banbus_report 1 <namespace> <ip> <kind> [weight] [ORIGIN <name>] '
+    .. '[DETAIL <text>]'
+  local ns = namespace(keys, usage)
+  if #args < 2 then
+    fail('BANBUS_INVALID', 'usage: ' .. usage)
+  end
+  local kind = args[2]
+  check_kind(kind)
+  local weight, i = 1, 3
+  if args[3] ~= nil and string.find(args[3], '^%d') then
+    weight = policy_value('BANBUS_INVALID', kind, 'weight', args[3], nil)
+    i = 4
+  end
+  local origin, detail = 'fcall', ''
+  local seen = {}
+  while i <= #args do
+    local word = string.upper(string.sub(args[i], 1, 16))
+    local value = args[i + 1]
+    if (word ~= 'ORIGIN' and word ~= 'DETAIL') or seen[word] then
+      fail('BANBUS_INVALID', 'option ' .. describe(args[i]) .. ' is unknown to banbus_report '
+        .. 'or given twice; expected ORIGIN <name> or DETAIL <text>')
+    end
+    if value == nil then
+      fail('BANBUS_INVALID', 'option ' .. word .. ' needs a value')
+    end
+    seen[word] = true
+    if word == 'ORIGIN' then
+      check_name('origin', value, MAX_ORIGIN)
+      origin = value
+    else
+      detail = sanitise(value, MAX_DETAIL)
+    end
+    i = i + 2
+  end
+  local cfg = read_config(ns)
+  local address = canonical_target(args[1], 0, 0, true)
+  if string.find(address, '/', 1, true) then
+    fail('BANBUS_INVALID', 'target ' .. describe(address)
+      .. ' is a network; report the address that offended')
+  end
+  local p = stored_policy(ns, kind, cfg)
+  if not p then
+    fail('BANBUS_INVALID', 'kind ' .. describe(kind) .. ' has no policy (known: '
+      .. table.concat(known_kinds(ns), ', ') .. '); set one with banbus policy set')
+  end
+  local version, groups, maxlen = address_groups(address)
+  local plen = version == 4 and p.ipv4_prefix or p.ipv6_prefix
+  local network = mask_groups(groups, plen, version == 4 and 32 or 16)
+  local target = format_net(version, network, plen)
+  local okey = key(ns, 'offenses:' .. kind .. ':' .. target)
+  local skey = key(ns, 'strikes:' .. kind .. ':' .. target)
+  settled(ns, okey, skey, key(ns, 'policies'), key(ns, 'shadow'))
+
+  -- The sliding window: the times of the last `threshold` offenses, in a
+  -- string that expires with the window.
+  local now, time = now_ms()
+  local window_ms = p.window * 1000
+  local since = now - window_ms
+  local kept = {}
+  local old = redis.pcall('GET', okey)
+  if type(old) == 'string' then
+    for t in string.gmatch(string.sub(old, 1, 16 * MAX_THRESHOLD), '%d+') do
+      local v = tonumber(t)
+      if v > since and v <= now then kept[#kept + 1] = v end
+    end
+  end
+  for _ = 1, math.min(weight, p.threshold) do
+    kept[#kept + 1] = now
+  end
+  -- Only the newest `threshold` offenses can matter.
+  if #kept > p.threshold then
+    local newest = {}
+    for k = #kept - p.threshold + 1, #kept do newest[#newest + 1] = kept[k] end
+    kept = newest
+  end
+  local count = #kept
+  if count < p.threshold then
+    local parts = {}
+    for k = 1, count do parts[k] = fmt(kept[k]) end
+    redis.call('SET', okey, table.concat(parts, ','), 'PX', fmt(window_ms))
+    return {'counted', count, p.threshold, target, 0, '', 0, 0, p.window, 0, ''}
+  end
+  -- Crossed: the window starts afresh whatever happens next, so of any
+  -- number of racing reports exactly one crosses.
+  redis.call('DEL', okey)
+  if covering(ns, 'allow', version, groups, maxlen, now) then
+    return {'allowed', count, p.threshold, target, 0, '', 0, 0, p.window, 0, ''}
+  end
+  if covering(ns, 'bans', version, network, plen, now) then
+    return {'already', count, p.threshold, target, 0, '', 0, 0, p.window, 0, ''}
+  end
+  local strikes = tonumber(redis.call('GET', skey) or '0') or 0
+  strikes = strikes + 1
+  local ttl = p.ttl
+  if ttl > 0 then
+    for _ = 2, strikes do
+      ttl = ttl * p.escalate
+      if ttl >= p.max_ttl then break end
+    end
+    ttl = math.min(math.floor(ttl), p.max_ttl)
+  end
+  local reason = kind .. ': ' .. fmt(count) .. ' in ' .. duration(p.window)
+  if strikes > 1 then reason = reason .. ', strike ' .. fmt(strikes) end
+  if detail ~= '' then reason = reason .. ' (' .. detail .. ')' end
+  if p.shadow == 1 then
+    -- Shadow mode: nothing is banned; the stream carries a notice (no seq:
+    -- it changes nothing, and nodes of any version skip it).
+    local id = xadd(ns, cfg.maxlen, now, {'op', 'would_ban', 'target', target,
+      'kind', kind, 'ttl', fmt(ttl), 'reason', reason, 'origin', origin})
+    if type(id) == 'table' then return id end
+    redis.call('HINCRBY', key(ns, 'shadow'), kind, 1)
+    return {'shadow', count, p.threshold, target, 0, id, 0, strikes, p.window, ttl, reason}
+  end
+  local reply = store(ns, OPS.banbus_ban, cfg, target, ttl, reason,
+    {replace = false, origin = origin, status = true}, now, time, 'written')
+  if reply.err then return reply end
+  redis.call('SET', skey, fmt(strikes), 'PX', fmt((ttl + p.forget) * 1000))
+  return {'banned', count, p.threshold, target, reply[1], reply[2], reply[4], strikes, p.window,
+    ttl, reason}
+end
+
+local function policy(keys, args)
+  local usage = 'FCALL banbus_policy 1 <namespace> SET <kind> [THRESHOLD n] [WINDOW s] [TTL s] '
+    .. '[ESCALATE x] [MAX_TTL s] [FORGET s] [IPV4_PREFIX n] [IPV6_PREFIX n] [SHADOW 0|1]'
+    .. ' | DELETE <kind>'
+  local ns = namespace(keys, usage)
+  local action = string.upper(string.sub(args[1] or '', 1, 16))
+  local kind = args[2]
+  if (action ~= 'SET' and action ~= 'DELETE') or kind == nil then
+    fail('BANBUS_INVALID', 'usage: ' .. usage)
+  end
+  check_kind(kind)
+  local pkey = key(ns, 'policies')
+  settled(ns, pkey)
+  if action == 'DELETE' then
+    if #args > 2 then fail('BANBUS_INVALID', 'usage: ' .. usage) end
+    return redis.call('HDEL', pkey, kind)
+  end
+  local cfg = read_config(ns)
+  local exists = redis.call('HEXISTS', pkey, kind) == 1
+  local p
+  if exists or BUILTIN_POLICIES[kind] then
+    local ok, current = pcall(stored_policy, ns, kind, cfg)
+    if ok then p = current else p = {} ; read_fields(p, POLICY_DEFAULTS, 'BANBUS_CONFIG', kind, cfg) end
+  else
+    if redis.call('HLEN', pkey) >= MAX_KINDS then
+      fail('BANBUS_INVALID', 'kind: there are already ' .. MAX_KINDS .. ' policies; delete one first')
+    end
+    p = {}
+    read_fields(p, POLICY_DEFAULTS, 'BANBUS_CONFIG', kind, cfg)
+  end
+  local given = {}
+  local n = 3
+  while n <= #args do
+    local name = string.lower(string.sub(args[n], 1, 16))
+    local value = args[n + 1]
+    if value == nil then
+      fail('BANBUS_INVALID', 'option ' .. string.upper(name) .. ' needs a value')
+    end
+    if given[name] then
+      fail('BANBUS_INVALID', 'option ' .. string.upper(name) .. ' is given twice')
+    end
+    given[name] = true
+    p[name] = policy_value('BANBUS_INVALID', kind, name, value, cfg)
+    n = n + 2
+  end
+  check_policy(p, 'BANBUS_INVALID', kind)
+  local text = format_policy(p)
+  redis.call('HSET', pkey, kind, text)
+  return {kind, text}
+end
+
+local function policies(keys, args)
+  local ns = namespace(keys, 'FCALL_RO banbus_policies 1 <namespace>')
+  local cfg = read_config(ns)
+  local out = {}
+  local counts = redis.call('HGETALL', key(ns, 'shadow'))
+  local shadowed = {}
+  for k = 1, #counts, 2 do shadowed[counts[k]] = counts[k + 1] end
+  for _, kind in ipairs(known_kinds(ns)) do
+    local stored = redis.call('HGET', key(ns, 'policies'), kind)
+    local ok, p = pcall(stored_policy, ns, kind, cfg)
+    local text, source
+    if ok then
+      text, source = format_policy(p), stored and 'set' or 'default'
+    else
+      text = stored or ''
+      source = 'invalid: ' .. (type(p) == 'table' and p.banbus_error or tostring(p))
+    end
+    out[#out + 1] = {kind, text, source, tonumber(shadowed[kind] or '0') or 0}
+  end
+  return out
 end
 
 local function clear(keys, args)
@@ -1214,6 +1628,22 @@ register_write('banbus_disallow')
 redis.register_function{
   function_name = 'banbus_clear',
   callback = entry(clear),
+}
+
+redis.register_function{
+  function_name = 'banbus_report',
+  callback = entry(report),
+}
+
+redis.register_function{
+  function_name = 'banbus_policy',
+  callback = entry(policy),
+}
+
+redis.register_function{
+  function_name = 'banbus_policies',
+  callback = entry(policies),
+  flags = {'no-writes'},
 }
 
 redis.register_function{

@@ -43,6 +43,7 @@ __all__ = [
     "Disallow",
     "Entry",
     "Event",
+    "Notice",
     "StreamEvent",
     "TargetEvent",
     "Unban",
@@ -100,6 +101,23 @@ class Disallow(TargetEvent, tag="disallow", frozen=True, kw_only=True):
 
 class Clear(Event, tag="clear", frozen=True, kw_only=True):
     """The namespace was emptied on purpose (``banbus clear``): drop everything."""
+
+
+class Notice(Event, tag="notice", frozen=True, kw_only=True):
+    """A stream entry without a seq: it changes nothing nodes hold.
+
+    ``would_ban`` (a policy in shadow mode crossed its threshold); nodes count
+    it.  Any other op without a seq is a newer version's informational entry,
+    skipped the same way.  (An unknown op *with* a seq is malformed: nodes
+    skip it without taking its seq, and a newer version's record-changing op
+    would show as a gap — a reload from the record, never a wrong view.)
+    """
+
+    name: str
+    target: str = ""
+    kind: str = ""
+    ttl: int = 0
+    reason: str = ""
 
 
 AnyEvent: TypeAlias = Ban | Unban | Allow | Disallow
@@ -184,7 +202,7 @@ def ban_fields(fields: list[str]) -> tuple[bool, str, int, str, str, str, int] |
     return None
 
 
-def decode_flat(fields: list[str]) -> StreamEvent:
+def decode_flat(fields: list[str]) -> StreamEvent | Notice:
     """Decode a stream entry's flat ``[field, value, …]`` list (as XREAD returns it).
 
     :raises msgspec.ValidationError: malformed entry.
@@ -199,7 +217,7 @@ def decode_flat(fields: list[str]) -> StreamEvent:
     return decode_entry(dict(zip(fields[0::2], fields[1::2], strict=True)))
 
 
-def decode_entry(fields: dict[str, str]) -> StreamEvent:
+def decode_entry(fields: dict[str, str]) -> StreamEvent | Notice:
     """Validate one stream entry's fields and return its event.
 
     Hand-written rather than ``msgspec.convert`` because it runs once per
@@ -211,6 +229,8 @@ def decode_entry(fields: dict[str, str]) -> StreamEvent:
     op = fields.get("op")
     cls = _OPS.get(op)
     if cls is None:
+        if isinstance(op, str) and _OP_RE.match(op) and "seq" not in fields:
+            return _notice(op, fields)
         raise msgspec.ValidationError(
             f"unknown op {_shown(op)}; expected ban, unban, allow, disallow, clear"
         )
@@ -233,6 +253,22 @@ def decode_entry(fields: dict[str, str]) -> StreamEvent:
         )
     assert cls is Unban or cls is Disallow
     return cls(target=target, origin=origin, eid=eid, seq=seq)
+
+
+_OP_RE: Final = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def _notice(op: str, fields: dict[str, str]) -> Notice:
+    if op == "would_ban":
+        return Notice(
+            name=op,
+            target=_text(fields, "target", MAX_TARGET_LENGTH),
+            kind=_text(fields, "kind", 32),
+            ttl=_digits(fields, "ttl", MAX_TTL_SECONDS) if "ttl" in fields else 0,
+            reason=_text(fields, "reason", MAX_REASON_BYTES),
+            origin=_text(fields, "origin", MAX_ORIGIN_BYTES),
+        )
+    return Notice(name=op)
 
 
 class Entry(msgspec.Struct, array_like=True, gc=False):

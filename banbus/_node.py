@@ -56,7 +56,7 @@ import redis.exceptions as redis_errors
 
 from ._cache import BanCache
 from ._clock import ServerClock, local_clock_ms
-from ._exceptions import BanbusError, NodeClosed, RedisUnavailable, ServerError
+from ._exceptions import BanbusError, InvalidTarget, NodeClosed, RedisUnavailable, ServerError
 from ._follower import Follower
 from ._keys import DEFAULT_MIN_PREFIX_V4, DEFAULT_MIN_PREFIX_V6, namespace_keys
 from ._library import ensure_library
@@ -72,17 +72,19 @@ from ._model import (
     check_reason,
     parse_ttl,
 )
+from ._policy import Policy, Report, check_kind, check_weight, sanitise_detail
 from ._publisher import Publisher, Write
 from ._reader import Reader
+from ._reporter import Reporter
 from ._reseed import AntiEntropy, Reseeder
 from ._resp import open_reader
 from ._state import SavedOutbox, SavedView, SavedWrite, StateFile
 from ._statistics import NodeStatistics
-from ._targets import parse_target
+from ._targets import Target, parse_target
 from ._topology import Topology, open_topology
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
     from types import TracebackType
 
     from ._cache import Kind
@@ -152,6 +154,10 @@ class Node:
         once — even while Redis is unreachable — and publishes writes it had
         queued (see ``_state``).
     :param state_interval: seconds between saves of the view, at least.
+    :param never_ban: addresses and networks :meth:`report` never counts or
+        bans (default loopback: ``127.0.0.0/8`` and ``::1``); an explicit
+        :meth:`ban` still works on them.  The allowlist is never auto-banned
+        either.
     """
 
     def __init__(
@@ -177,6 +183,7 @@ class Node:
         clock: Callable[[], int] | None = None,
         state_file: str | os.PathLike[str] | None = None,
         state_interval: float = 1.0,
+        never_ban: Iterable[str] = ("127.0.0.0/8", "::1"),
     ) -> None:
         self._keys = namespace_keys(namespace)
         self.namespace = namespace
@@ -223,6 +230,11 @@ class Node:
         self._reader: Reader | None = None
         self._state_file = StateFile(state_file, namespace) if state_file is not None else None
         self._state_interval = state_interval
+        if isinstance(never_ban, str):
+            raise TypeError("never_ban must be a list of addresses or networks, not a string")
+        self._never_ban: list[Target] = [parse_target(t, force=True) for t in never_ban]
+        self._reporter: Reporter | None = None
+        self._report_stats = {"banned_here": 0, "exempt": 0}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -261,6 +273,8 @@ class Node:
             tg.start_soon(self._expiry_task)
             tg.start_soon(self._publisher.run)
             tg.start_soon(self._reseeder.run)
+            assert self._reporter is not None
+            tg.start_soon(self._reporter.run)
             tg.start_soon(self._clock.run, self._server_time, self._clock_interval or 1.0)
             topology.on_change(self._topology_changed)
             tg.start_soon(topology.run, self._position)
@@ -297,6 +311,10 @@ class Node:
             clock=clock, interval=self._check_interval or 1.0, enabled=self._check_interval > 0,
         )  # fmt: skip
         follower.digest_due = antientropy.due
+        self._reporter = Reporter(
+            publisher, node_id=self.node_id, spawn=spawn, ban=self._auto_ban,
+            wait_for_seq=self.wait_for_seq,
+        )  # fmt: skip
         self._reader = Reader(
             keys, node_id=self.node_id, connect=self._connect,
             reload_library=lambda: ensure_library(client), spawn=spawn, cache=cache,
@@ -505,6 +523,77 @@ class Node:
             return held
         return reply.status != "absent"
 
+    # -- auto-ban ---------------------------------------------------------------------------
+
+    async def report(
+        self, ip: str, kind: str, weight: int = 1, *, detail: str | bytes = ""
+    ) -> Report:
+        """Count an offense of *ip*; the report that crosses the kind's policy bans.
+
+        Counting happens in Redis, shared by every node: an address is banned
+        when ``threshold`` offenses fall within any ``window`` seconds,
+        whichever nodes saw them, and of racing reports exactly one gets the
+        ban in ``Report.banned`` (enforced on this node, connections cut,
+        before this returns).  An address already banned, allowlisted or in
+        *never_ban* costs no round trip.  Reports of the same kind and address
+        in one event-loop tick are merged; a tick's reports share one round
+        trip.  While Redis is unreachable the policy is applied on this node
+        (a crossing bans here at once and is published from the outbox).
+
+        :param kind: the policy (built in: ``scan``, ``auth``; others are set
+            with ``banbus policy set``).
+        :param weight: offenses this report counts for (1 to 1000).
+        :param detail: attacker-controlled context for the reason (a request
+            path, a user name): sanitised, never a reason to refuse.
+        :raises InvalidTarget: *ip* is not a single address.
+        :raises InvalidInput: bad kind or weight, or no policy for *kind*.
+        """
+        self._check_running()
+        assert self._reporter is not None
+        target = parse_target(ip, force=True)
+        if target.is_network:
+            raise InvalidTarget(f"{target.text} is a network; report the address that offended")
+        check_kind(kind)
+        check_weight(weight)
+        policy = self._reporter.policy_of(kind)
+        threshold = policy.threshold if policy is not None else 0
+        if self._never(target) or self._cache.allowed(target.text):
+            self._report_stats["exempt"] += 1
+            return Report(banned=None, count=0, threshold=threshold, shadow=False,
+                          status="exempt", target=target.text, kind=kind)  # fmt: skip
+        if self._cache.is_banned(target.text):
+            self._report_stats["banned_here"] += 1
+            return Report(banned=None, count=0, threshold=threshold, shadow=False,
+                          status="banned_here", target=target.text, kind=kind)  # fmt: skip
+        text = sanitise_detail(detail) if detail else ""
+        return await self._reporter.submit(target, kind, weight, text)
+
+    def exempt(self, *targets: str) -> None:
+        """Never count or auto-ban these addresses or networks here (added to
+        *never_ban*; the ASGI middleware adds its trusted proxies)."""
+        parsed = [parse_target(t, force=True) for t in targets]
+        self._never_ban.extend(t for t in parsed if t not in self._never_ban)
+
+    def _never(self, target: Target) -> bool:
+        for net in self._never_ban:
+            if net.version != target.version:
+                continue
+            shift = (32 if net.version == 4 else 128) - net.prefixlen
+            if target.value >> shift == net.value >> shift:
+                return True
+        return False
+
+    async def _auto_ban(self, target: str, ttl: int, reason: str) -> BanRecord:
+        """A ban decided on this node while Redis was away (see :meth:`report`)."""
+        return await self.ban(target, ttl, reason, force=True)
+
+    async def policies(self) -> list[Policy]:
+        """The namespace's policies (built-in ones included), from Redis."""
+        self._check_running()
+        assert self._reporter is not None
+        await self._reporter.load_policies()
+        return sorted(self._reporter.policies.values(), key=lambda p: p.kind)
+
     # -- waiting ---------------------------------------------------------------------------
 
     async def wait_for_seq(self, seq: int) -> None:
@@ -542,12 +631,13 @@ class Node:
         f = (
             follower.stats
             if follower
-            else dict.fromkeys(("applied", "skipped", "own", "forged"), 0)
+            else dict.fromkeys(("applied", "skipped", "own", "forged", "notices", "would_ban"), 0)
         )
         p = publisher.stats if publisher else {}
         r = reseeder.stats if reseeder else {}
         a = antientropy.stats if antientropy else {}
         rd = reader.stats if reader else {}
+        rp = self._reporter.stats if self._reporter else {}
         topo = self._topology
         return NodeStatistics(
             node_id=self.node_id,
@@ -590,6 +680,17 @@ class Node:
             topology_lookup_failures=topo.lookup_failures,
             read_lag_events=topo.read_lag[0],
             read_lag_ms=topo.read_lag[1],
+            notices_seen=f["notices"],
+            would_bans_seen=f["would_ban"],
+            reports_sent=rp.get("sent", 0),
+            report_round_trips=rp.get("round_trips", 0),
+            reports_coalesced=rp.get("coalesced", 0),
+            reports_skipped_banned=self._report_stats["banned_here"],
+            reports_exempt=self._report_stats["exempt"],
+            reports_counted_locally=rp.get("local", 0),
+            auto_bans=rp.get("auto_bans", 0),
+            auto_bans_local=rp.get("local_bans", 0),
+            shadow_crossings=rp.get("shadow", 0),
         )
 
     # -- background tasks -------------------------------------------------------------------

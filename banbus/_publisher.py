@@ -644,6 +644,31 @@ class Publisher:
             raise self._error(reply)
         return reply
 
+    @property
+    def function_key(self) -> str:
+        """KEYS[1] of the library's calls."""
+        return self._function_key
+
+    async def call_ro(self, function: str, *args: str | int) -> Any:
+        """One read-only FCALL_RO of the library; errors translated."""
+        reply = (await self._execute([("FCALL_RO", function, 1, self._function_key, *args)]))[0]
+        if isinstance(reply, BaseException):
+            raise self._error(reply)
+        return reply
+
+    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """*commands* pipelined in one round trip; error replies in place (see
+        :meth:`error_of`).
+
+        :raises RedisUnavailable: Redis could not be reached (or is moving).
+        """
+        return await self._execute(commands)
+
+    def error_of(self, exc: BaseException) -> BanbusError:
+        """The banbus error for an error reply (:class:`RedisUnavailable` when the
+        server cannot take writes now)."""
+        return self._error(exc)
+
     def _reply(self, raw: Any) -> Reply | BanbusError:
         if isinstance(raw, BaseException):
             return self._error(raw)

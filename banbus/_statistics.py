@@ -90,3 +90,24 @@ class NodeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     #: of event time.
     read_lag_events: int = 0
     read_lag_ms: float = 0.0
+    #: Stream entries that change nothing held (``would_ban`` notices of
+    #: policies in shadow mode, informational entries of newer versions).
+    notices_seen: int = 0
+    #: Of which ``would_ban`` notices.
+    would_bans_seen: int = 0
+    #: Reports sent to the function library, and the round trips they took.
+    reports_sent: int = 0
+    report_round_trips: int = 0
+    #: Reports of the same kind and address in one tick, merged into one call.
+    reports_coalesced: int = 0
+    #: Reports not sent: the address is banned already (no round trip).
+    reports_skipped_banned: int = 0
+    #: Reports not counted: the address is allowlisted or in ``never_ban``.
+    reports_exempt: int = 0
+    #: Reports counted on this node because Redis was unreachable.
+    reports_counted_locally: int = 0
+    #: Bans this node's reports created (in Redis; and counted locally).
+    auto_bans: int = 0
+    auto_bans_local: int = 0
+    #: This node's reports that crossed a policy in shadow mode.
+    shadow_crossings: int = 0

@@ -20,6 +20,13 @@
   *trusted_proxies*; the client is the rightmost hop that is not a trusted
   proxy.  The other header is never read.
 
+* With ``scanner_trap=True``, requests for paths no real site serves —
+  probes for known vulnerabilities (:data:`DEFAULT_TRAP_PATTERNS`) — are
+  answered 404 without reaching the app and reported as offenses of kind
+  ``scan`` (:meth:`banbus.Node.report`): with the default ``scan`` policy a
+  scanner is banned, and cut on every node, a few probes in.  Trusted
+  proxies are never reported for their clients' requests.
+
 ASGI middleware only runs while a request is in flight: an *idle* keep-alive
 connection is invisible to it.  With uvicorn, add the connection-level
 integration (:mod:`banbus.uvicorn`) so idle connections are cut too.
@@ -27,7 +34,10 @@ integration (:mod:`banbus.uvicorn`) so idle connections are cut too.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import logging
+import re
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -39,7 +49,24 @@ from ._targets import normalize_peer
 if TYPE_CHECKING:
     from ._node import Node
 
-__all__ = ["BanMiddleware", "ClientBanned", "client_address"]
+__all__ = ["DEFAULT_TRAP_PATTERNS", "BanMiddleware", "ClientBanned", "client_address"]
+
+log = logging.getLogger("banbus")
+
+#: Paths scanners probe and no real site serves (regular expressions searched
+#: in the request path, case-insensitively).  Pass your own list as
+#: ``scanner_trap=[...]`` — a WordPress site must drop the ``wp-`` ones.
+DEFAULT_TRAP_PATTERNS: tuple[str, ...] = (
+    # PHPUnit's remote code execution (CVE-2017-9841), under any prefix:
+    # /vendor/…, /lib/vendor/…, /laravel/vendor/…, /www/vendor/…, /admin/vendor/…
+    r"/vendor/phpunit/phpunit/src/util/php/eval-stdin\.php",
+    r"/\.env(?:\.[\w.-]+)?$",  # secrets: /.env, /api/.env, /.env.production
+    r"/\.git/(?:config|head|index)$",
+    r"/\.aws/credentials$",
+    r"/wp-login\.php$",
+    r"/wp-json/wp/v2/users/?$",
+    r"/wp-content/.*\.sql$",
+)
 
 Scope: TypeAlias = MutableMapping[str, Any]
 Message: TypeAlias = MutableMapping[str, Any]
@@ -180,6 +207,9 @@ class BanMiddleware:
     :param status: the status of the refusal (403).
     :param body: the refusal's body.
     :param listener: the listener name in-flight calls are tracked under.
+    :param scanner_trap: ``True`` for :data:`DEFAULT_TRAP_PATTERNS`, or your
+        own patterns: matching requests are answered 404 and reported.
+    :param trap_kind: the kind trap hits are reported as (default ``scan``).
     """
 
     def __init__(
@@ -192,6 +222,8 @@ class BanMiddleware:
         status: int = 403,
         body: bytes = b"Forbidden\n",
         listener: str = "asgi",
+        scanner_trap: bool | Iterable[str] = False,
+        trap_kind: str = "scan",
     ) -> None:
         self.app = app
         self.node = node
@@ -208,6 +240,14 @@ class BanMiddleware:
         self.status = status
         self.body = body
         self.listener = listener
+        self.trap: re.Pattern[str] | None = None
+        if scanner_trap:
+            patterns = DEFAULT_TRAP_PATTERNS if scanner_trap is True else tuple(scanner_trap)
+            self.trap = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)
+        self.trap_kind = trap_kind
+        # The proxy must never be banned for its clients' sins.
+        if self.trusted_proxies and node is not None:
+            node.exempt(*(str(net) for net in self.trusted_proxies))
 
     def client(self, scope: Scope) -> str | None:
         """The client address of *scope* (forwarded headers from trusted proxies).
@@ -237,6 +277,12 @@ class BanMiddleware:
         if node.is_banned(client) or (client != peer and node.is_banned(peer)):
             await self._refuse(kind, send)
             return
+
+        if self.trap is not None and kind == "http":
+            path = str(scope.get("path") or "")
+            if self.trap.search(path):
+                await self._sprung(client, peer, path, send)
+                return
 
         call = _Call()
         cancel_scope = anyio.CancelScope()
@@ -285,6 +331,23 @@ class BanMiddleware:
             conn.untrack()
         if call.cut:
             await self._after_cut(kind, call, send)
+
+    async def _sprung(self, client: str, peer: str, path: str, send: Send) -> None:
+        """A probe: report it, answer 404.  (A trusted proxy's own address is in the
+        node's ``never_ban``: reporting it counts nothing.)"""
+        try:
+            await self.node.report(client, self.trap_kind, detail=path)
+        except Exception as exc:  # a failed report must not fail the response
+            log.warning("banbus: scanner trap: cannot report %s: %s", client, exc)
+        # A banned client's connection is closed — not a proxy's, which carries
+        # other clients too.
+        close = client == peer and self.node.is_banned(client)
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"10")]
+        if close:
+            headers.append((b"connection", b"close"))
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.start", "status": 404, "headers": headers})
+            await send({"type": "http.response.body", "body": b"Not Found\n"})
 
     async def _after_cut(self, kind: str, call: _Call, send: Send) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):

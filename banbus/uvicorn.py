@@ -16,6 +16,10 @@ connection's transport with the node's supervisor::
     )
     await uvicorn.Server(config).serve()
 
+With ``scanner_trap=True`` a connection that sends malformed HTTP (uvicorn
+answers it 400) is reported as an offense of kind ``scan`` by its direct
+peer — unless that peer is one of *trusted_proxies*.
+
 A banned peer is refused at accept (the transport is aborted before a byte is
 read); when a ban lands, every covered connection — idle, mid-request,
 streaming, or upgraded to a websocket — is aborted at once (TCP RST).  The
@@ -24,17 +28,21 @@ peer is the direct TCP peer: forwarded headers are the middleware's business.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Iterable
 
     from ._node import Node
     from ._supervisor import Mode, TrackedConnection
 
 __all__ = ["config", "http_protocol"]
+
+log = logging.getLogger("banbus")
 
 
 def _base_class(base: str | type[asyncio.Protocol]) -> type[Any]:
@@ -62,6 +70,9 @@ def http_protocol(
     *,
     listener: str | None = "uvicorn",
     mode: Mode | None = None,
+    scanner_trap: bool = False,
+    trap_kind: str = "scan",
+    trusted_proxies: Iterable[str] = (),
 ) -> type[asyncio.Protocol]:
     """A uvicorn HTTP protocol class whose connections the node's supervisor cuts on ban.
 
@@ -71,9 +82,23 @@ def http_protocol(
         installed) or a uvicorn HTTP protocol class to extend.
     :param listener: the listener name connections are tracked under.
     :param mode: ``"abort"`` (RST) or ``"close"``; default: the supervisor's.
+    :param scanner_trap: report malformed HTTP as an offense of *trap_kind*.
+    :param trusted_proxies: peers never reported (they are never auto-banned
+        either).
     """
     parent = _base_class(base)
     supervisor = node.supervisor
+    if isinstance(trusted_proxies, str):
+        trusted_proxies = (trusted_proxies,)
+    if trusted_proxies:
+        node.exempt(*trusted_proxies)
+    reports: set[asyncio.Task[Any]] = set()
+
+    async def report(peer: str) -> None:
+        try:
+            await node.report(peer, trap_kind, detail="malformed HTTP")
+        except Exception as exc:  # never let a report fail the server
+            log.warning("banbus: scanner trap: cannot report %s: %s", peer, exc)
 
     class BanbusHTTPProtocol(parent):  # type: ignore[misc, valid-type]
         _banbus: TrackedConnection | None = None
@@ -93,6 +118,15 @@ def http_protocol(
             if self._banbus is not None and self._banbus.cut:
                 return  # refused or cut: never parse what is still buffered
             super().data_received(data)
+
+        def send_400_response(self, msg: str) -> None:
+            super().send_400_response(msg)
+            if scanner_trap and self._banbus is not None and self._banbus.state == "tracked":
+                import asyncio
+
+                task = asyncio.get_running_loop().create_task(report(self._banbus.peer))
+                reports.add(task)
+                task.add_done_callback(reports.discard)
 
         def handle_websocket_upgrade(self, event: Any) -> None:
             super().handle_websocket_upgrade(event)

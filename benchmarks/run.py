@@ -24,6 +24,7 @@ import traceback
 from typing import TYPE_CHECKING
 
 import bench_apply
+import bench_autoban
 import bench_cache
 import bench_cut
 import bench_deploy
@@ -60,6 +61,11 @@ BENCHES: dict[str, tuple[Callable[[Context], Awaitable[list[Result]]], str]] = {
     ),
     "failover": (bench_deploy.run_failover, "primary killed → a queued ban on another node"),
     "fanout": (bench_deploy.run_fanout, "Redis CPU per ban per following node, primary/replica"),
+    "crossing": (
+        bench_autoban.run_crossing,
+        "a report crossing a policy → RST on another node, vs a plain ban",
+    ),
+    "reports": (bench_autoban.run_reports, "reports/s (distinct, hot, banned), Redis CPU"),
 }
 
 

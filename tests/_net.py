@@ -172,7 +172,7 @@ async def sync_marker(writer: Node, reader: Node) -> None:
 
 @asynccontextmanager
 async def uvicorn_server(
-    app: Any, node: Node | None = None, *, dual_stack: bool = False
+    app: Any, node: Node | None = None, *, dual_stack: bool = False, **protocol: Any
 ) -> AsyncIterator[int]:
     """Serve *app* with uvicorn on a pre-bound socket; with *node*, the banbus protocol.
 
@@ -186,7 +186,7 @@ async def uvicorn_server(
     sock = listening_socket(dual_stack=dual_stack)
     config = uvicorn.Config(
         app,
-        http=banbus.uvicorn.http_protocol(node, "h11") if node is not None else "h11",
+        http=banbus.uvicorn.http_protocol(node, "h11", **protocol) if node is not None else "h11",
         ws="websockets-sansio",
         lifespan="off",
         log_config=None,

@@ -10,6 +10,8 @@ Prints ``ready`` once the node is in sync, then answers one line per command:
 * ``sync SEQ`` -> ``synced`` once event SEQ was applied
 * ``stats`` -> one JSON object: the node's statistics and its active bans
 * ``dump`` -> one JSON array: ``[kind, target, expires_ms]`` of what it enforces
+* ``storm IP KIND TASKS ROUNDS`` -> TASKS tasks report IP ROUNDS times each;
+  one JSON object: the bans this process's reports created, the outcomes
 * ``quit`` -> closes the node and exits 0
 
 Errors of a command are answered ``error <message>`` (the node lives on).
@@ -58,6 +60,26 @@ async def _run(node: banbus.Node, words: list[str]) -> str:
         rows = [["ban", r.target, r.expires] for r in node.bans()]
         rows += [["allow", r.target, r.expires] for r in node.allows()]
         return json.dumps(rows)
+    if command == "storm":
+        # storm IP KIND TASKS ROUNDS: TASKS tasks each report ROUNDS times.
+        ip, kind, tasks, rounds = words[1], words[2], int(words[3]), int(words[4])
+        outcomes: list[str] = []
+        banned: list[str] = []
+
+        async def reporter() -> None:
+            for _ in range(rounds):
+                report = await node.report(ip, kind)
+                outcomes.append(report.status)
+                if report.banned is not None:
+                    banned.append(report.banned.target)
+                await anyio.sleep(0)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(tasks):
+                tg.start_soon(reporter)
+        counts = {s: outcomes.count(s) for s in sorted(set(outcomes))}
+        return json.dumps({"banned": banned, "outcomes": counts,
+                           "banned_here": node.is_banned(ip)})  # fmt: skip
     return f"error unknown command {command!r}"
 
 

@@ -169,7 +169,7 @@ def test_watch_from_the_beginning(cli: Run) -> None:
 
 
 def test_watch_shows_malformed_entries(cli: Run, r: redis.Redis, namespace: str) -> None:
-    r.xadd(namespace_keys(namespace).log, {"op": "explode", "target": "1.2.3.4"})
+    r.xadd(namespace_keys(namespace).log, {"op": "explode", "target": "1.2.3.4", "seq": "1"})
     code, out, _ = cli("watch", "--from", "0", "--count", "1")
     assert code == 0
     assert "malformed" in out

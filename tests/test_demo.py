@@ -18,7 +18,9 @@ async def test_demo_with_redis_url(redis_url: str) -> None:
     assert await run_demo(redis_url, out=out, color=False) == 0
     text = out.getvalue()
     assert "from --redis" in text
-    assert "ban 127.0.0.2 issued" in text
+    # The decision: probes counted across nodes, one report crosses the policy.
+    assert "reported: 1/3 cluster-wide" in text
+    assert "crosses the policy: ban 127.0.0.2 created" in text
     for node in ("node1", "node2", "node3"):
         assert f"{node} " in text
     assert text.count("open connection cut") == 3

@@ -107,6 +107,10 @@ async def test_node_roles_scoped_to_one_namespace(
             check_interval=0.1,
         ) as w,  # fmt: skip
     ):
+        # A node user may report (auto-ban); a follower reads the policies.
+        report = await a.report("203.0.113.60", "scan", weight=3)
+        assert report.banned is not None
+        assert {p.kind for p in await w.policies()} >= {"scan", "auth"}
         record = await a.ban("203.0.113.7", ttl=600, reason="scan")
         await b.allow("192.0.2.9")
         assert await b.unban("203.0.113.7")
@@ -164,6 +168,11 @@ async def test_operator_cli_and_redis_cli_with_a_scoped_user(
     assert await anyio.to_thread.run_sync(cli, "check", "203.0.113.7") == 1
     assert await anyio.to_thread.run_sync(cli, "list", "--json") == 0
     assert await anyio.to_thread.run_sync(cli, "unban", "203.0.113.7") == 0
+    # Auto-ban policies and reports (issue 9).
+    assert await anyio.to_thread.run_sync(cli, "policy", "set", "auth", "--threshold", "2") == 0
+    assert await anyio.to_thread.run_sync(cli, "policy", "list") == 0
+    assert await anyio.to_thread.run_sync(cli, "report", "203.0.113.8", "auth") == 0
+    assert await anyio.to_thread.run_sync(cli, "policy", "delete", "auth") == 0
     capsys.readouterr()
     # redis-cli: the documented call with a key of the namespace as KEYS[1].
     if shutil.which("redis-cli"):

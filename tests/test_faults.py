@@ -268,8 +268,14 @@ async def test_redis_stopped_longer_than_the_socket_timeout(
                 for _, f in await admin.xrange(keys(namespace).log)
                 if f["target"] == "203.0.113.77"
             ]
-            assert len(events) == 1, events  # the retry found the original: written once
-            assert a.statistics().retries_duplicate >= 1
+            assert len(events) == 1, events  # written once
+            # Redis ran the frozen write when it resumed.  Either the retry
+            # (RETRY) found it, or its own event reached the reader before the
+            # retry went out and settled it: never a second write.
+            stats = a.statistics()
+            assert stats.retries_duplicate == 1 or (
+                stats.retries_duplicate == 0 and stats.own_events_confirmed >= 2
+            ), stats
             await assert_converged(admin, namespace, a, b)
             await _no_growth(admin, namespace, [_stats(a), _stats(b)])
     finally:

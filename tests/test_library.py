@@ -845,9 +845,13 @@ async def test_ensure_library_loads_once(fresh: AsyncRedis) -> None:
         "banbus_digest",
         "banbus_check",
         "banbus_version",
+        "banbus_report",
+        "banbus_policy",
+        "banbus_policies",
     }
     read_only = {f["name"] for f in listing[0]["functions"] if "no-writes" in f["flags"]}
-    assert read_only == {"banbus_state", "banbus_digest", "banbus_check", "banbus_version"}
+    assert read_only == {"banbus_state", "banbus_digest", "banbus_check", "banbus_version",
+                         "banbus_policies"}  # fmt: skip
     # A second call finds it and loads nothing: a marker library stays put.
     await fresh.function_load(code_with_version(LIBRARY_VERSION), replace=True)
     marker = code_with_version(LIBRARY_VERSION) + "\n-- marker\n"

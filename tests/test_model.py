@@ -14,6 +14,7 @@ from banbus._model import (
     MAX_REASON_BYTES,
     MAX_TTL_SECONDS,
     Entry,
+    Notice,
     ban_fields,
     check_origin,
     check_reason,
@@ -304,6 +305,14 @@ def test_flat_decoding_of_other_layouts() -> None:
     shuffled = ["seq", "9", "target", "203.0.113.7", "op", "ban", "expires", "0"]
     assert ban_fields(shuffled) is None
     assert decode_flat(shuffled) == Ban(target="203.0.113.7", seq=9)
-    for bad in ([], ["op"], ["op", "ban", "target"], ["op", "explode", "target", "1.2.3.4"]):
+    unknown_with_seq = ["op", "explode", "target", "1.2.3.4", "seq", "5"]
+    for bad in ([], ["op"], ["op", "ban", "target"], unknown_with_seq, ["op", "EXPLODE!"]):
         with pytest.raises(msgspec.ValidationError):
             decode_flat(bad)
+    # Without a seq, an op this version does not know is a newer version's
+    # informational entry: a Notice nodes skip.
+    assert decode_flat(["op", "explode", "target", "1.2.3.4"]) == Notice(name="explode")
+    notice = decode_flat(["op", "would_ban", "target", "2001:db8::/64", "kind", "auth",
+                          "ttl", "600", "reason", "auth: 5 in 10m", "origin", "mx1"])  # fmt: skip
+    assert notice == Notice(name="would_ban", target="2001:db8::/64", kind="auth", ttl=600,
+                            reason="auth: 5 in 10m", origin="mx1")  # fmt: skip
