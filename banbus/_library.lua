@@ -62,11 +62,12 @@ by default) and its offenses counted in a sliding window: the times of the
 last `threshold` ones, in {NS}:offenses:<kind>:<target>, expiring with the
 window.  The report that brings `threshold` offenses within `window` seconds
 crosses: the window starts afresh and, unless the allowlist covers the
-address or a ban covers the target, a ban is written exactly like
+address or the target is banned already, a ban is written exactly like
 banbus_ban's, lasting ttl * escalate^(strike-1) (at most max_ttl), where the
 strike counts this kind's bans of the target until `forget` seconds after
 the last one ended ({NS}:strikes:<kind>:<target>).  Status: counted, banned,
-already, allowed, or shadow (policy in shadow mode: nothing banned; a
+already (the target itself is banned), allowed (the allowlist covers the
+address), or shadow (policy in shadow mode: nothing banned; a
 `would_ban` entry without seq goes to the stream and {NS}:shadow counts it).
 DETAIL is attacker text (a path, a user name): sanitised into the reason,
 never a reason to refuse.
@@ -1360,10 +1361,16 @@ local function report(keys, args)
   -- Crossed: the window starts afresh whatever happens next, so of any
   -- number of racing reports exactly one crosses.
   redis.call('DEL', okey)
-  if covering(ns, 'allow', version, groups, maxlen, now) then
+  -- The allowlist beats every ban (one HLEN when it is empty).
+  if redis.call('HLEN', key(ns, 'allow')) > 0
+      and covering(ns, 'allow', version, groups, maxlen, now) then
     return {'allowed', count, p.threshold, target, 0, '', 0, 0, p.window, 0, ''}
   end
-  if covering(ns, 'bans', version, network, plen, now) then
+  -- Banned already (nodes do not even send these; redis-cli may).  A wider
+  -- ban covering the target would make the new one redundant, not wrong.
+  local current = redis.call('HGET', key(ns, 'bans'), target)
+  local current_exp = current and record_expires(current)
+  if current_exp and (current_exp == 0 or current_exp > now) then
     return {'already', count, p.threshold, target, 0, '', 0, 0, p.window, 0, ''}
   end
   local strikes = tonumber(redis.call('GET', skey) or '0') or 0

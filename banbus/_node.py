@@ -58,7 +58,7 @@ from ._cache import BanCache
 from ._clock import ServerClock, local_clock_ms
 from ._exceptions import BanbusError, InvalidTarget, NodeClosed, RedisUnavailable, ServerError
 from ._follower import Follower
-from ._keys import DEFAULT_MIN_PREFIX_V4, DEFAULT_MIN_PREFIX_V6, namespace_keys
+from ._keys import DEFAULT_MIN_PREFIX_V4, DEFAULT_MIN_PREFIX_V6, MAX_THRESHOLD, namespace_keys
 from ._library import ensure_library
 from ._model import (
     Allow,
@@ -549,13 +549,25 @@ class Node:
         :raises InvalidInput: bad kind or weight, or no policy for *kind*.
         """
         self._check_running()
-        assert self._reporter is not None
+        reporter = self._reporter
+        assert reporter is not None
+        # The hot path: a scanner already banned keeps knocking.  (Banned
+        # means a valid address; allowlisted addresses are never banned.)
+        policy = reporter.policies.get(kind)
+        if (
+            policy is not None
+            and self._cache.is_banned(ip)
+            and type(weight) is int
+            and 0 < weight <= MAX_THRESHOLD
+        ):
+            self._report_stats["banned_here"] += 1
+            return Report(banned=None, count=0, threshold=policy.threshold, shadow=False,
+                          status="banned_here", target=ip, kind=kind)  # fmt: skip
         target = parse_target(ip, force=True)
         if target.is_network:
             raise InvalidTarget(f"{target.text} is a network; report the address that offended")
         check_kind(kind)
         check_weight(weight)
-        policy = self._reporter.policy_of(kind)
         threshold = policy.threshold if policy is not None else 0
         if self._never(target) or self._cache.allowed(target.text):
             self._report_stats["exempt"] += 1
@@ -566,7 +578,7 @@ class Node:
             return Report(banned=None, count=0, threshold=threshold, shadow=False,
                           status="banned_here", target=target.text, kind=kind)  # fmt: skip
         text = sanitise_detail(detail) if detail else ""
-        return await self._reporter.submit(target, kind, weight, text)
+        return await reporter.submit(target, kind, weight, text)
 
     def exempt(self, *targets: str) -> None:
         """Never count or auto-ban these addresses or networks here (added to
