@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from banbus import InvalidInput, InvalidTarget, Node
+from banbus import InvalidInput, InvalidTarget, Node, ServerError
 from banbus._cli import main as cli_main
 from banbus._keys import namespace_keys
 from banbus._library import ensure_library
@@ -547,3 +547,30 @@ async def test_a_node_of_the_previous_version_skips_the_new_entries(
             await process.stdin.send(b"quit\n")
             with anyio.fail_after(10):
                 await process.wait()
+
+
+async def test_watch_shows_would_ban_and_a_bad_stored_policy_is_a_clear_error(
+    redis_url: str, namespace: str, admin: aioredis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    k = keys(namespace)
+    await _policy(admin, namespace, "auth", threshold=1, shadow=1)
+    reply = await admin.fcall("banbus_report", 1, k.log, "203.0.113.31", "auth", "DETAIL", "u=x")
+    assert reply[0] == "shadow"
+    argv = ["--redis", redis_url, "--namespace", namespace, "watch", "--from", "0", "--count", "1"]
+    assert await anyio.to_thread.run_sync(cli_main, argv) == 0
+    line = capsys.readouterr().out
+    assert "would ban  203.0.113.31  for 15m" in line and "(shadow mode)" in line
+    # A policy written by hand that the library cannot use: every entry point
+    # says so; the node lives on.
+    await admin.hset(f"{{{namespace}}}:policies", "scan", "threshold=0 window=60 ttl=60")
+    async with Node(redis_url, namespace=namespace, node_id="n", **OPTIONS) as n:
+        with pytest.raises(ServerError, match="BANBUS_CONFIG policy scan threshold 0"):
+            await n.report("203.0.113.32", "scan")
+        # Counting without Redis falls back on the built-in policy, not the broken one.
+        assert {p.kind: p for p in await n.policies()}["scan"].source == "default"
+        assert (await n.report("203.0.113.32", "auth")).status == "shadow"
+    listing = ["--redis", redis_url, "--namespace", namespace, "policy", "list"]
+    assert await anyio.to_thread.run_sync(cli_main, listing) == 0
+    assert "[invalid: BANBUS_CONFIG policy scan threshold 0 is outside 1..1000]" in (
+        capsys.readouterr().out
+    )
