@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -66,7 +66,28 @@ def _ping(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
-class RedisProcess:
+class _Started:
+    """``with X() as x``: ``start()`` on entry, ``close()`` on exit."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class RedisProcess(_Started):
     """A real ``redis-server`` process on a free loopback port.
 
     ``stop()`` kills it (SIGKILL by default, like a crash); ``start()`` brings
@@ -164,19 +185,8 @@ class RedisProcess:
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self) -> RedisProcess:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class EmbeddedRedis:
+class EmbeddedRedis(_Started):
     """fakeredis' TCP server in a background thread (needs ``banbus[embedded]``)."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None) -> None:
@@ -218,19 +228,8 @@ class EmbeddedRedis:
             self._thread.join(5)
             self._thread = None
 
-    def __enter__(self) -> EmbeddedRedis:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class SentinelGroup:
+class SentinelGroup(_Started):
     """A primary, *replicas* replicas and *sentinels* Sentinels watching them.
 
     The service is ``mymaster``; failure detection is fast (*down_after_ms*)
@@ -342,19 +341,8 @@ class SentinelGroup:
         for proc in (*self.sentinels, *self.servers):
             proc.close()
 
-    def __enter__(self) -> SentinelGroup:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class RedisCluster:
+class RedisCluster(_Started):
     """A Redis Cluster of *primaries* primaries with *replicas* replicas each.
 
     Slots are assigned evenly in order; *node_timeout_ms* is short so that a
@@ -461,17 +449,6 @@ class RedisCluster:
     def close(self) -> None:
         for node in self.nodes:
             node.close()
-
-    def __enter__(self) -> RedisCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _command(port: int, *args: str, timeout: float = 5.0) -> object:
