@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import re
+import socket
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -20,13 +21,15 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
+from . import __version__
 from ._exceptions import BanbusError, InvalidInput, RedisUnavailable
 from ._keys import namespace_keys
-from ._library import ensure_library, translate_error
+from ._library import LIBRARY_VERSION, ensure_library, translate_error
 from ._model import (
     BanRecord,
     Entry,
     Notice,
+    check_origin,
     check_reason,
     decode_entry,
     entry_decoder,
@@ -45,21 +48,55 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 EXIT_OK, EXIT_BANNED, EXIT_ERROR = 0, 1, 2
 
 
+def _default_origin() -> str:
+    """``cli@<host>``: who made a CLI change, in the record and the stream."""
+    host = re.sub(r"[^A-Za-z0-9._:@-]", "-", socket.gethostname())
+    return f"cli@{host}"[:64]
+
+
+def _globals(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """--redis, --namespace, --origin: before the command (with defaults) or after it."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--redis", metavar="URL",
+        default=default(os.environ.get("BANBUS_REDIS_URL", DEFAULT_URL)),
+        help="Redis URL: redis://, rediss://, unix://, redis+sentinel://, redis+cluster:// "
+        "(env BANBUS_REDIS_URL; default " + DEFAULT_URL + ")",
+    )  # fmt: skip
+    parser.add_argument(
+        "--namespace", "-n", default=default(os.environ.get("BANBUS_NAMESPACE", "banbus")),
+        help="namespace (env BANBUS_NAMESPACE; default banbus)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--origin", default=default(os.environ.get("BANBUS_ORIGIN") or _default_origin()),
+        help="who makes this change, as recorded (env BANBUS_ORIGIN; default cli@HOSTNAME)",
+    )  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="banbus",
         description="Cluster-wide IP bans over Redis: ban, unban, allow, inspect, follow.",
-        epilog="Exit codes: 0 ok (check: not banned), 1 check: banned, 2 error.",
+        epilog="Exit codes: 0 ok (check: not banned), 1 check: banned, 2 error. "
+        "Options --redis, --namespace and --origin go before or after the command.",
     )
-    parser.add_argument(
-        "--redis", metavar="URL", default=os.environ.get("BANBUS_REDIS_URL", DEFAULT_URL),
-        help="Redis URL (env BANBUS_REDIS_URL; default %(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--namespace", "-n", default=os.environ.get("BANBUS_NAMESPACE", "banbus"),
-        help="namespace (env BANBUS_NAMESPACE; default %(default)s)",
-    )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"banbus {__version__} "
+                        f"(function library v{LIBRARY_VERSION})")  # fmt: skip
+    _globals(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _globals(common, defaults=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    real_add = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if name != "demo":
+            kwargs.setdefault("parents", [common])
+        return real_add(name, **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     for name, text in (("ban", "ban an address or CIDR network everywhere"),
                        ("allow", "allowlist an address or network (beats every ban)")):  # fmt: skip
@@ -112,6 +149,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--detail", default="", help="context for the reason (sanitised)")
     policy = sub.add_parser("policy", help="auto-ban policies: set, list, delete")
     psub = policy.add_subparsers(dest="action", metavar="ACTION", required=True)
+    real_padd = psub.add_parser
+
+    def add_action(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.setdefault("parents", [common])
+        return real_padd(name, **kwargs)
+
+    psub.add_parser = add_action  # type: ignore[method-assign]
     p = psub.add_parser(
         "set", help="create or change a policy",
         description="Ban an address when THRESHOLD offenses fall within WINDOW.  Options not "
@@ -138,6 +182,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = psub.add_parser("delete", help="delete a policy (a built-in one reverts to its default)")
     p.add_argument("kind")
+    sub.add_parser(
+        "load-library",
+        help="load the function library into Redis (after a restart without persistence)",
+        description="Load (or upgrade) the banbus function library, so that redis-cli FCALL "
+        "works before any node or CLI call has run.  Any other command does it too.",
+    )  # fmt: skip
     p = sub.add_parser("demo", help="run the live demo (3 nodes, a scanner, a ban)",
                        add_help=False)  # fmt: skip
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -161,12 +211,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     try:
         namespace_keys(args.namespace)
+        check_origin(args.origin)
         return asyncio.run(_run(args))
     except KeyboardInterrupt:
         return EXIT_OK if args.command == "watch" else 130
     except BanbusError as exc:
-        print(f"banbus: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(_for_cli(str(exc)))
+    except (redis_errors.RedisError, OSError, UnicodeError, ValueError) as exc:
+        # Not Redis at that address, a protocol error, text that cannot be
+        # sent…: one line, exit 2 — never the 1 that `check` uses for "banned".
+        if os.environ.get("BANBUS_DEBUG"):
+            raise
+        hint = ""
+        if isinstance(exc, redis_errors.InvalidResponse):
+            hint = f" — is something other than Redis listening at {_safe_url(args.redis)}?"
+        return _fail(f"{type(exc).__name__}: {exc}{hint}")
+
+
+def _fail(message: str) -> int:
+    print(f"banbus: error: {_human(message)}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _for_cli(message: str) -> str:
+    """Error texts name the Python or FCALL spelling of an option: say the CLI's."""
+    return (
+        message.replace("pass force=True to override", "add --force to override")
+        .replace("pass FORCE to override", "add --force to override")
+        .replace("pass force=True", "add --force")
+    )
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -175,10 +248,13 @@ async def _run(args: argparse.Namespace) -> int:
         "ban": _cmd_write, "allow": _cmd_write, "unban": _cmd_remove, "disallow": _cmd_remove,
         "list": _cmd_list, "check": _cmd_check, "watch": _cmd_watch, "clear": _cmd_clear,
         "repair": _cmd_repair, "report": _cmd_report, "policy": _cmd_policy,
+        "load-library": _cmd_load_library,
     }  # fmt: skip
     # Validate before connecting: bad input writes nothing and needs no server.
     if args.command in ("ban", "allow"):
-        args.canonical = parse_target(args.target, force=args.force).text
+        # Syntax here; the prefix limits are the namespace's (its {ns}:config may
+        # loosen them), checked by the function library.
+        args.canonical = parse_target(args.target, force=True).text
         args.seconds = parse_ttl(args.ttl)
         args.reason = check_reason(args.reason)
     elif args.command in ("unban", "disallow"):
@@ -250,16 +326,28 @@ async def _cmd_write(client: aioredis.Redis, args: argparse.Namespace) -> int:
     extra = [*(["FORCE"] if args.force else []), *(["REPLACE"] if args.replace else [])]
     reply = await client.fcall(
         f"banbus_{args.command}", 1, _key(args), args.canonical, args.seconds, args.reason,
-        *extra, "ORIGIN", "cli",
+        *extra, "ORIGIN", args.origin,
     )  # fmt: skip
-    seq, _sid, target, expires = reply[:4]
+    seq, sid, target, expires = reply[:4]
     verb = "banned" if args.command == "ban" else "allowlisted"
     print(f"{verb} {_s(target)} {_until(int(expires))} (seq {int(seq)})")
+    written_ms = int(_s(sid).partition("-")[0] or 0)
+    asked = written_ms + args.seconds * 1000 if args.seconds else 0
+    if not args.replace and int(expires) != asked and (asked == 0 or int(expires) > asked + 1000):
+        # The later of the existing and the new expiry wins (permanent wins).
+        print(f"  kept the existing {'permanent ' if not int(expires) else ''}expiry, later "
+              f"than the {args.ttl} asked for; --replace sets it to exactly that")  # fmt: skip
+    return EXIT_OK
+
+
+async def _cmd_load_library(client: aioredis.Redis, args: argparse.Namespace) -> int:
+    version = await ensure_library(client)  # done on connecting already: this reports it
+    print(f"function library v{version} is loaded ({_safe_url(args.redis)})")
     return EXIT_OK
 
 
 async def _cmd_clear(client: aioredis.Redis, args: argparse.Namespace) -> int:
-    reply = await client.fcall("banbus_clear", 1, _key(args), "ORIGIN", "cli")
+    reply = await client.fcall("banbus_clear", 1, _key(args), "ORIGIN", args.origin)
     print(f"cleared namespace {args.namespace!r} (seq {int(reply[0])})")
     return EXIT_OK
 
@@ -305,7 +393,7 @@ async def _cmd_report(client: aioredis.Redis, args: argparse.Namespace) -> int:
     extra = ["DETAIL", args.detail] if args.detail else []
     reply = await client.fcall(
         "banbus_report", 1, _key(args), args.canonical, args.kind, args.weight,
-        "ORIGIN", "cli", *extra,
+        "ORIGIN", args.origin, *extra,
     )  # fmt: skip
     status, count, threshold, target, seq, _sid, expires, strike, window, ttl, reason = (
         _s(x) if isinstance(x, bytes | str) else x for x in reply
@@ -315,7 +403,7 @@ async def _cmd_report(client: aioredis.Redis, args: argparse.Namespace) -> int:
     )
     if status == "banned":
         print(f"{head}: banned {_until(int(expires))} (strike {int(strike)}, seq {int(seq)}), "
-              f"reason={json.dumps(reason, ensure_ascii=False)}")  # fmt: skip
+              f"reason={_quoted(str(reason))}")  # fmt: skip
     elif status == "shadow":
         print(f"{head}: would ban for {_duration(int(ttl))} (policy in shadow mode)")
     elif status == "already":
@@ -362,15 +450,49 @@ async def _cmd_policy(client: aioredis.Redis, args: argparse.Namespace) -> int:
 
 async def _cmd_remove(client: aioredis.Redis, args: argparse.Namespace) -> int:
     reply = await client.fcall(
-        f"banbus_{args.command}", 1, _key(args), args.canonical, "ORIGIN", "cli", "STATUS"
+        f"banbus_{args.command}", 1, _key(args), args.canonical, "ORIGIN", args.origin, "STATUS"
     )
     seq = int(reply[0])
     what = "ban on" if args.command == "unban" else "allowlist entry for"
     if _s(reply[4]) != "absent":
         print(f"removed {what} {args.canonical} (seq {seq})")
-    else:
-        print(f"no {what} {args.canonical}; nothing to do (the removal is remembered)")
+        return EXIT_OK
+    print(f"no {what} {args.canonical}; nothing to do (the removal is remembered)")
+    if "/" not in args.canonical:
+        keys = namespace_keys(args.namespace)
+        table = keys.bans if args.command == "unban" else keys.allow
+        covering = await _covering(client, table, args.canonical)
+        if covering is not None:
+            verb = "unban" if args.command == "unban" else "disallow"
+            net, entry = covering
+            print(f"  {args.canonical} is covered by {net} ({_until(entry.expires)}); "
+                  f"banbus {verb} {net} lifts it")  # fmt: skip
     return EXIT_OK
+
+
+async def _covering(client: aioredis.Redis, table: str, address: str) -> tuple[str, Entry] | None:
+    """The live entry of *table* that covers *address* (itself or a network), if any."""
+    candidates = _candidates(address)
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.time()
+        pipe.hmget(table, candidates)
+        (seconds, micros), values = await pipe.execute()
+    return _active(candidates, values, int(seconds) * 1000 + int(micros) // 1000)
+
+
+def _active(
+    candidates: list[str], values: list[bytes | None], now: int
+) -> tuple[str, Entry] | None:
+    for target, value in zip(candidates, values, strict=True):
+        if value is None:
+            continue
+        try:
+            entry = entry_decoder.decode(value)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        if not entry.expires or entry.expires > now:
+            return target, entry
+    return None
 
 
 async def _server_ms(client: aioredis.Redis) -> int:
@@ -414,11 +536,12 @@ def _table(out: TextIO, title: str, records: list[BanRecord], now: int) -> None:
     out.write(f"{title} ({len(records)}):\n")
     if not records:
         return
-    width = max(len(r.target) for r in records)
+    width = max(len(_human(r.target)) for r in records)
     for r in records:
         left = "permanent" if not r.expires else f"{_duration((r.expires - now) / 1000)} left"
-        reason = f"  {json.dumps(r.reason, ensure_ascii=False)}" if r.reason else ""
-        out.write(f"  {r.target:<{width}}  {left:<16} by {r.origin or '?'}{reason}\n")
+        reason = f"  {_quoted(r.reason)}" if r.reason else ""
+        out.write(f"  {_human(r.target):<{width}}  {left:<16} by {_human(r.origin) or '?'}"
+                  f"{reason}\n")  # fmt: skip
 
 
 def _candidates(ip: str) -> list[str]:
@@ -440,20 +563,7 @@ async def _cmd_check(client: aioredis.Redis, args: argparse.Namespace) -> int:
         pipe.hmget(keys.allow, candidates)
         (seconds, micros), bans, allows = await pipe.execute()
     now = int(seconds) * 1000 + int(micros) // 1000
-
-    def active(values: list[bytes | None]) -> tuple[str, Entry] | None:
-        for target, value in zip(candidates, values, strict=True):
-            if value is None:
-                continue
-            try:
-                entry = entry_decoder.decode(value)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
-            if not entry.expires or entry.expires > now:
-                return target, entry
-        return None
-
-    allowed, banned = active(allows), active(bans)
+    allowed, banned = _active(candidates, allows, now), _active(candidates, bans, now)
     if banned is None:
         print(f"{args.canonical} is not banned")
         return EXIT_OK
@@ -463,8 +573,9 @@ async def _cmd_check(client: aioredis.Redis, args: argparse.Namespace) -> int:
               f"(ban {target} is overridden)")  # fmt: skip
         return EXIT_OK
     how = "" if target == args.canonical else f" by {target}"
-    reason = f", reason {json.dumps(entry.reason, ensure_ascii=False)}" if entry.reason else ""
-    print(f"{args.canonical} is banned{how} {_until(entry.expires, now)}{reason}")
+    reason = f", reason {_quoted(entry.reason)}" if entry.reason else ""
+    origin = f", by {_human(entry.origin)}" if entry.origin else ""
+    print(f"{args.canonical} is banned{how} {_until(entry.expires, now)}{origin}{reason}")
     return EXIT_BANNED
 
 
@@ -510,7 +621,7 @@ def _event_line(entry_id: str, fields: dict[str, str], as_json: bool) -> str:
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         if as_json:
             return json.dumps({"id": entry_id, "malformed": str(exc), "fields": fields})
-        return f"{when}  {entry_id}  malformed entry skipped by nodes: {exc}  {fields}"
+        return _human(f"{when}  {entry_id}  malformed entry skipped by nodes: {exc}  {fields}")
     if as_json:
         data = msgspec.to_builtins(event)
         return json.dumps({"id": entry_id, "time": when, **data}, ensure_ascii=False)
@@ -520,19 +631,24 @@ def _event_line(entry_id: str, fields: dict[str, str], as_json: bool) -> str:
                     "skipped by nodes (a newer version's notice, or written by hand)")  # fmt: skip
         return "  ".join([
             when, "would ban", _human(event.target), f"for {_duration(event.ttl)}",
-            f"reason={json.dumps(event.reason, ensure_ascii=False)}",
+            f"reason={_quoted(event.reason)}",
             f"origin={_human(event.origin) or '?'}", "(shadow mode)",
         ])  # fmt: skip
     op = type(event).__name__.lower()
-    parts = [when, f"{op:<8}", getattr(event, "target", "*")]
+    parts = [when, f"{op:<8}", _human(getattr(event, "target", "*"))]
     expires = getattr(event, "expires", None)
     if expires is not None:
         parts.append(_until(expires, int(entry_id.partition("-")[0])))
     reason = getattr(event, "reason", "")
     if reason:
-        parts.append(f"reason={json.dumps(reason, ensure_ascii=False)}")
-    parts += [f"origin={event.origin or '?'}", f"seq={event.seq}"]
+        parts.append(f"reason={_quoted(reason)}")
+    parts += [f"origin={_human(event.origin) or '?'}", f"seq={event.seq}"]
     return "  ".join(parts)
+
+
+def _quoted(text: str) -> str:
+    """*text* in double quotes for a terminal (JSON escapes, then C1/bidi escaped)."""
+    return _human(json.dumps(text, ensure_ascii=False))
 
 
 def _until(expires: int, now: int | None = None) -> str:

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
+from redis.exceptions import RedisError
 
-from ._node import Node, namespace_keys
+from ._exceptions import BanbusError
+from ._node import Node
 from ._servers import EmbeddedRedis, RedisProcess, redis_server_binary
 
 if TYPE_CHECKING:
@@ -503,7 +505,11 @@ async def _drop_namespace(redis_url: str, namespace: str) -> None:
 
     client = aioredis.Redis.from_url(redis_url, socket_timeout=5)
     try:
-        await client.delete(*namespace_keys(namespace)[1:])
+        # Every key of the namespace: the record, the stream, and the auto-ban
+        # counters, policies and strikes.
+        doomed = [k async for k in client.scan_iter(match=f"{{{namespace}}}:*", count=1000)]
+        if doomed:
+            await client.delete(*doomed)
     finally:
         await client.aclose()
 
@@ -516,8 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         "counted across the nodes, one report crosses the policy and bans it, and every node "
         "cuts it within milliseconds.",
     )
-    parser.add_argument("--redis", metavar="URL", default=None,
-                        help="use this Redis (default: start redis-server on a free port, "
+    parser.add_argument("--redis", metavar="URL", default=os.environ.get("BANBUS_REDIS_URL"),
+                        help="use this Redis, in a namespace of its own, deleted afterwards "
+                        "(env BANBUS_REDIS_URL; default: start redis-server on a free port, "
                         "else an embedded fakeredis)")  # fmt: skip
     parser.add_argument("--no-color", action="store_true", help="plain output")
     args = parser.parse_args(argv)
@@ -526,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         return anyio.run(lambda: run_demo(args.redis, color=color))
     except KeyboardInterrupt:
         return 130
+    except (BanbusError, RedisError, OSError) as exc:
+        print(f"banbus demo: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

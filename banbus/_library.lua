@@ -611,6 +611,15 @@ local function check_reason(reason)
   if not valid_utf8(reason) then
     fail('BANBUS_INVALID', 'reason is not valid UTF-8')
   end
+  -- C1 controls, U+2028..U+202E (separators, bidi embeddings and overrides),
+  -- U+2066..U+2069 (bidi isolates): invisible, and they rewrite what a
+  -- terminal shows.
+  local at = string.find(reason, '\194[\128-\159]') or string.find(reason, '\226\128[\168-\174]')
+    or string.find(reason, '\226\129[\166-\169]')
+  if at then
+    fail('BANBUS_INVALID', 'reason contains a C1 control or a bidi/line-separator character at '
+      .. 'byte ' .. at .. '; use printable text')
+  end
 end
 
 local function check_name(field, value, limit)

@@ -107,7 +107,8 @@ def translate_error(exc: ResponseError) -> BanbusError:
     text = str(exc)
     code, _, message = text.partition(" ")
     if code == "BANBUS_UNSAFE":
-        return UnsafeBan(message)
+        # The library speaks FCALL; this is for Python callers (the CLI says --force).
+        return UnsafeBan(message.replace("pass FORCE to override", "pass force=True to override"))
     if code == "BANBUS_INVALID":
         field = message.partition(" ")[0].rstrip(":")
         return _INVALID_FIELDS.get(field, InvalidInput)(message)

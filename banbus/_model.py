@@ -291,10 +291,13 @@ entry_decoder: Final = msgspec.json.Decoder(Entry)
 
 # -- argument checks shared by the API and the CLI --------------------------------
 
-_TTL_RE: Final = re.compile(r"^\s*(\d{1,12})\s*([smhdw]?)\s*$", re.IGNORECASE | re.ASCII)
-_UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_TTL_PART_RE: Final = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)\s*(y|w|d|h|m|s)?\s*", re.ASCII)
+_UNITS: Final = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 _ORIGIN_RE: Final = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+#: C1 controls, line/paragraph separators, bidi embeddings/overrides/isolates:
+#: invisible, and they reorder or rewrite what a terminal shows.
+_UNSAFE_RE: Final = re.compile("[\x80-\x9f\u2028-\u202e\u2066-\u2069]")
 
 
 def parse_ttl(value: int | float | str | None) -> int:
@@ -316,25 +319,50 @@ def parse_ttl(value: int | float | str | None) -> int:
     if isinstance(value, int):
         seconds = value
     elif isinstance(value, str):
-        if value.strip().lower() in ("permanent", "forever", "never"):
-            return 0
-        match = _TTL_RE.match(value)
-        if match is None:
-            raise InvalidTTL(
-                f"ttl {value!r} is not a duration; use seconds or 90s, 10m, 1h, 7d, 2w "
-                "(0 = permanent)"
-            )
-        seconds = int(match[1]) * _UNITS[match[2].lower()]
+        seconds = _parse_duration(value)
     else:
         raise InvalidTTL(f"ttl must be a number of seconds, not {type(value).__name__}")
     if seconds < 0:
         raise InvalidTTL(f"ttl must not be negative (got {seconds}); use 0 for permanent")
     if seconds > MAX_TTL_SECONDS:
         raise InvalidTTL(
-            f"ttl {seconds}s is above the maximum of {MAX_TTL_SECONDS}s (10 years); "
-            "use 0 for a permanent ban"
+            f"ttl {value!r} ({seconds}s) is above the maximum of {MAX_TTL_SECONDS}s "
+            "(10 years, 3650d); use 0 for a permanent ban"
         )
     return seconds
+
+
+def _parse_duration(value: str) -> int:
+    """``90``, ``90s``, ``10m``, ``1.5h``, ``1d12h``, ``6d23h59m59s``, ``2w``, ``1y``
+    (365 days), ``permanent`` — in whole seconds."""
+    text = value.strip().lower()
+    if text in ("permanent", "forever", "never"):
+        return 0
+    hint = "use seconds or 90s, 10m, 1.5h, 1d12h, 7d, 2w, 1y (0 = permanent)"
+    if not text or len(text) > 64 or not text.isascii():
+        raise InvalidTTL(f"ttl {value!r} is not a duration; {hint}")
+    total = 0.0
+    position = 0
+    units: list[str | None] = []
+    while position < len(text):
+        match = _TTL_PART_RE.match(text, position)
+        if match is None or match.end() == position:
+            raise InvalidTTL(f"ttl {value!r} is not a duration; {hint}")
+        unit = match[2]
+        if unit is None and match.end() < len(text):
+            raise InvalidTTL(f"ttl {value!r} is not a duration; {hint}")
+        units.append(unit)
+        total += float(match[1]) * _UNITS[unit]
+        position = match.end()
+    if None in units and len(units) > 1:  # "1h 30": 30 what?
+        raise InvalidTTL(f"ttl {value!r} is not a duration; {hint}")
+    if len(units) != len(set(units)):
+        raise InvalidTTL(f"ttl {value!r} names a unit twice; {hint}")
+    if total > 2 * MAX_TTL_SECONDS:
+        return int(total)  # refused by the caller, with the maximum
+    if not total.is_integer() and abs(total - round(total)) > 1e-6:
+        raise InvalidTTL(f"ttl {value!r} is {total:g} seconds; use whole seconds")
+    return round(total)
 
 
 def check_reason(reason: str | None) -> str:
@@ -352,6 +380,12 @@ def check_reason(reason: str | None) -> str:
         raise InvalidReason(f"reason is {size} bytes long; the limit is {MAX_REASON_BYTES}")
     if _CONTROL_RE.search(reason):
         raise InvalidReason("reason must not contain control characters (newlines, tabs …)")
+    unsafe = _UNSAFE_RE.search(reason)
+    if unsafe:
+        raise InvalidReason(
+            f"reason contains U+{ord(unsafe[0]):04X} at character {unsafe.start()} (a C1 control "
+            "or a bidi/line-separator character); use printable text"
+        )
     try:
         reason.encode("utf-8")
     except UnicodeEncodeError:

@@ -139,7 +139,7 @@ class Node:
         failover to a replica that lost writes, FLUSHALL), restore what this
         node held that is missing — unless removed since.  A namespace emptied
         on purpose with ``banbus clear`` is not re-seeded.
-    :param compact: keep exact IPv4 bans in ~75 bytes each instead of ~270
+    :param compact: keep exact IPv4 bans in ~84 bytes each instead of ~270
         (for millions of imported bans): their expiry is rounded up to the
         second and ``lookup`` returns them without reason, origin or seq.
     :param check_interval: seconds between anti-entropy comparisons of the

@@ -143,8 +143,7 @@ def parse_target(
     minimum = min_prefix_v4 if version == 4 else min_prefix_v6
     if plen < minimum and not force:
         raise UnsafeBan(
-            f"{canonical} is wider than the minimum prefix /{minimum}; "
-            "pass force=True (CLI: --force) to override"
+            f"{canonical} is wider than the minimum prefix /{minimum}; pass force=True to override"
         )
     return Target(canonical, version, plen, network)
 

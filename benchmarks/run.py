@@ -90,11 +90,18 @@ async def run_all(ctx: Context, names: list[str]) -> tuple[list[Result], dict[st
     return results, durations
 
 
+def _ratio(value: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (never a bare 0.00)."""
+    if value == 0 or value >= 0.1:
+        return f"{value:.2f}"
+    return f"{value:.2g}"
+
+
 def markdown(results: list[Result]) -> str:
     lines = ["| metric | value | unit | floor/baseline | ratio |", "|---|---:|---|---|---:|"]
     for r in results:
         base = "" if r.baseline is None else f"{fmt_num(r.baseline)} ({r.baseline_name})"
-        ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
+        ratio = "" if r.ratio is None else _ratio(r.ratio)
         lines.append(f"| `{r.name}` | {fmt_num(r.value)} | {r.unit} | {base} | {ratio} |")
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 
-from banbus._cli import main
+from banbus._cli import _default_origin, main
 from banbus._node import namespace_keys
 from banbus._servers import free_port
 
@@ -88,7 +88,12 @@ def test_ban_list_check_unban(cli: Run, r: redis.Redis, namespace: str) -> None:
     data = json.loads(out)
     assert [b["target"] for b in data["bans"]] == ["198.51.100.0/24", "203.0.113.7"]
     scan = data["bans"][1]
-    assert (scan["reason"], scan["origin"], scan["seq"], scan["kind"]) == ("scan", "cli", 1, "ban")
+    assert (scan["reason"], scan["origin"], scan["seq"], scan["kind"]) == (
+        "scan",
+        _default_origin(),
+        1,
+        "ban",
+    )
     assert 3_590_000 < scan["expires"] - data["server_time_ms"] <= 3_600_000
     assert data["allow"] == []
 

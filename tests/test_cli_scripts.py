@@ -1,0 +1,227 @@
+"""The ``banbus`` console script as an operator's scripts run it (issue 11).
+
+Every failure mode runs the real console script in a subprocess and checks
+stdout, stderr and the exit code: 0 ok, 1 only ever "banned" (``check``),
+2 any failure — one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+
+from banbus._keys import namespace_keys
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = shutil.which("banbus", path=str(Path(sys.executable).parent))
+
+
+def banbus(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [SCRIPT] if SCRIPT else [sys.executable, "-m", "banbus"]
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "BANBUS_REDIS_URL": "redis://127.0.0.1:1/0", **(env or {})},
+        errors="surrogateescape",
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("banbus: error: ") or lines[0].startswith("banbus demo: error: ")
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def not_redis() -> Iterator[int]:
+    """A TCP server that answers like a web server."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    conn.recv(4096)
+                    conn.sendall(b"<html>400 Bad Request</html>\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+# -- exit codes ------------------------------------------------------------------------------
+
+
+def test_a_port_that_is_not_redis_is_exit_2(not_redis: int) -> None:
+    result = banbus("--redis", f"redis://127.0.0.1:{not_redis}/0", "check", "192.0.2.1")
+    one_line_error(result, "something other than Redis")
+
+
+def test_nothing_listening_is_exit_2_for_every_command() -> None:
+    for args in (["check", "192.0.2.1"], ["ban", "192.0.2.1"], ["list"], ["policy", "list"]):
+        one_line_error(banbus(*args), "cannot reach Redis")
+
+
+def test_demo_with_nothing_listening_is_one_line() -> None:
+    result = banbus("demo", "--redis", "redis://127.0.0.1:1/0", "--no-color")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+
+
+def test_reasons_that_are_not_text_are_refused(redis_url: str, r: redis.Redis) -> None:
+    for reason in ("\udcff", "a\u202eb", "\u009b31m", "x\u2028y"):
+        result = banbus("--redis", redis_url, "ban", "192.0.2.7", "--reason", reason)
+        one_line_error(result, "reason")
+    assert not r.hexists(namespace_keys("banbus").bans, "192.0.2.7")
+
+
+def test_check_exits_1_only_for_banned(redis_url: str, namespace: str) -> None:
+    assert banbus("--redis", redis_url, "-n", namespace, "check", "192.0.2.8").returncode == 0
+    assert banbus("--redis", redis_url, "-n", namespace, "ban", "192.0.2.8").returncode == 0
+    result = banbus("--redis", redis_url, "-n", namespace, "check", "192.0.2.8")
+    assert result.returncode == 1 and "is banned" in result.stdout
+    one_line_error(banbus("--redis", redis_url, "-n", namespace, "check", "nope"))
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+def test_global_options_go_anywhere_and_origin_is_recorded(
+    redis_url: str, namespace: str, r: redis.Redis
+) -> None:
+    result = banbus("ban", "198.51.100.9", "--ttl", "1d12h", "--redis", redis_url,
+                    "--namespace", namespace, "--origin", "alice@ops")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    result = banbus("list", "--json", "-n", namespace, "--redis", redis_url)
+    (ban,) = json.loads(result.stdout)["bans"]
+    assert (ban["target"], ban["origin"]) == ("198.51.100.9", "alice@ops")
+    assert 36 * 3600 - 5 <= (ban["expires"] - json.loads(result.stdout)["server_time_ms"]) / 1000
+    # By default: cli@<host>.
+    banbus("ban", "198.51.100.10", "--redis", redis_url, "-n", namespace)
+    stored = r.hget(namespace_keys(namespace).bans, "198.51.100.10")
+    assert stored is not None and f'"cli@{socket.gethostname()}'[:20] in stored
+    one_line_error(banbus("ban", "198.51.100.11", "--origin", "not ok!", "--redis", redis_url))
+
+
+def test_version_and_durations(redis_url: str, namespace: str) -> None:
+    result = banbus("--version")
+    assert result.returncode == 0 and result.stdout.startswith("banbus ")
+    assert "function library v" in result.stdout
+    for ttl in ("1.5h", "6d23h59m59s", "1y"):
+        assert banbus("ban", "198.51.100.20", "--ttl", ttl, "--redis", redis_url, "-n",
+                      namespace, "--replace").returncode == 0  # fmt: skip
+    one_line_error(banbus("ban", "198.51.100.21", "--ttl", "11y"), "maximum of 315360000s")
+    one_line_error(banbus("ban", "198.51.100.21", "--ttl", "١٠"), "not a duration")
+
+
+def test_prefix_limits_are_the_namespaces_and_errors_speak_cli(
+    redis_url: str, namespace: str, r: redis.Redis
+) -> None:
+    args = ("--redis", redis_url, "-n", namespace)
+    one_line_error(banbus("ban", "10.0.0.0/7", *args), "add --force")
+    r.hset(namespace_keys(namespace).config, "min_prefix_v4", 6)
+    result = banbus("ban", "10.0.0.0/7", *args)
+    assert result.returncode == 0 and "banned 10.0.0.0/7" in result.stdout
+
+
+def test_hints_for_replace_and_a_covering_ban(redis_url: str, namespace: str) -> None:
+    args = ("--redis", redis_url, "-n", namespace)
+    banbus("ban", "198.51.100.30", "--ttl", "1d", *args)
+    result = banbus("ban", "198.51.100.30", "--ttl", "1h", *args)
+    assert "--replace sets it to exactly that" in result.stdout
+    banbus("ban", "198.51.100.0/24", *args)
+    result = banbus("unban", "198.51.100.77", *args)
+    assert result.returncode == 0
+    assert "covered by 198.51.100.0/24" in result.stdout
+    assert "banbus unban 198.51.100.0/24" in result.stdout
+
+
+# -- terminal injection ------------------------------------------------------------------------
+
+
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\u009b31m\u202eevil"
+
+
+def test_human_output_is_escaped_and_json_is_exact(
+    redis_url: str, namespace: str, r: redis.Redis
+) -> None:
+    k = namespace_keys(namespace)
+    # Written by hand, as an attacker with write access to Redis could.
+    r.hset(k.bans, "192.0.2.50", json.dumps([0, HOSTILE, HOSTILE, 1]))
+    r.xadd(k.log, {"op": "ban", "target": "192.0.2.50", "expires": "0", "reason": HOSTILE,
+                   "origin": HOSTILE, "eid": "x", "seq": "1"})  # fmt: skip
+    r.xadd(k.log, {"op": "ban", "target": HOSTILE, "seq": "2"})
+    args = ("--redis", redis_url, "-n", namespace)
+    outputs = [
+        banbus("list", *args).stdout,
+        banbus("watch", "--from", "0", "--count", "2", *args).stdout,
+        banbus("check", "192.0.2.50", *args).stdout,
+    ]
+    for out in outputs:
+        assert out
+        for raw in ("\x1b", "\x07", "\u009b", "\u202e"):
+            assert raw not in out, (raw, out)
+    assert "\\x1b]0;owned" in outputs[0] and "\\u202e" in outputs[0]
+    listed = json.loads(banbus("list", "--json", *args).stdout)
+    assert listed["bans"][0]["reason"] == HOSTILE  # --json stays exact
+
+
+# -- the library, the demo ---------------------------------------------------------------------
+
+
+@pytest.mark.real_redis
+def test_load_library_after_a_restart_without_persistence(redis_url: str, r: redis.Redis) -> None:
+    r.function_flush()
+    result = banbus("load-library", "--redis", redis_url)
+    assert result.returncode == 0 and "function library v" in result.stdout
+    assert r.fcall("banbus_version", 0)  # type: ignore[no-untyped-call]
+
+
+def test_demo_uses_banbus_redis_url_and_leaves_nothing(redis_url: str, r: redis.Redis) -> None:
+    before = set(r.keys("{demo-*"))
+    result = banbus("demo", "--no-color", env={"BANBUS_REDIS_URL": redis_url})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "from --redis" in result.stdout or redis_url.split("//")[1] in result.stdout
+    assert set(r.keys("{demo-*")) == before
