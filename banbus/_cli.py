@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import fnmatch
 import json
 import os
 import re
@@ -26,7 +27,6 @@ from ._exceptions import BanbusError, InvalidInput, RedisUnavailable
 from ._keys import namespace_keys
 from ._library import LIBRARY_VERSION, ensure_library, translate_error
 from ._model import (
-    BanRecord,
     Entry,
     Notice,
     check_origin,
@@ -54,8 +54,11 @@ def _default_origin() -> str:
     return f"cli@{host}"[:64]
 
 
-def _globals(parser: argparse.ArgumentParser, defaults: bool) -> None:
-    """--redis, --namespace, --origin: before the command (with defaults) or after it."""
+def _globals(parser: argparse.ArgumentParser, defaults: bool, origin: bool = True) -> None:
+    """--redis, --namespace, --origin: before the command (with defaults) or after it.
+
+    (Commands that write nothing take ``--origin`` as a filter, or not at all.)
+    """
 
     def default(value: object) -> object:
         return value if defaults else argparse.SUPPRESS
@@ -70,6 +73,8 @@ def _globals(parser: argparse.ArgumentParser, defaults: bool) -> None:
         "--namespace", "-n", default=default(os.environ.get("BANBUS_NAMESPACE", "banbus")),
         help="namespace (env BANBUS_NAMESPACE; default banbus)",
     )  # fmt: skip
+    if not origin:
+        return
     parser.add_argument(
         "--origin", default=default(os.environ.get("BANBUS_ORIGIN") or _default_origin()),
         help="who makes this change, as recorded (env BANBUS_ORIGIN; default cli@HOSTNAME)",
@@ -88,12 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     _globals(parser, defaults=True)
     common = argparse.ArgumentParser(add_help=False)
     _globals(common, defaults=False)
+    reading = argparse.ArgumentParser(add_help=False)
+    _globals(reading, defaults=False, origin=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     real_add = sub.add_parser
 
     def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         if name != "demo":
-            kwargs.setdefault("parents", [common])
+            kwargs.setdefault("parents", [reading if name == "list" else common])
         return real_add(name, **kwargs)
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
@@ -131,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser("list", help="list current bans and allowlist entries")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--reason", dest="reason_filter", help="only entries whose reason has this")
+    p.add_argument(
+        "--origin", dest="origin_filter", metavar="ORIGIN",
+        help="only entries last written by this origin ('cli@*' patterns too)",
+    )  # fmt: skip
+    p.add_argument("--covering", metavar="IP", help="only entries that cover this address")
+    p.add_argument("--limit", type=int, default=0, help="at most this many of each kind")
     p = sub.add_parser("check", help="is this IP banned? (exit 0 no, 1 yes, 2 error)")
     p.add_argument("ip")
     p = sub.add_parser("watch", help="follow the event stream live, one line per event")
@@ -263,6 +277,11 @@ async def _run(args: argparse.Namespace) -> int:
         raise InvalidInput(
             f"clear deletes every ban of namespace {args.namespace!r}; add --yes to confirm"
         )
+    elif args.command == "list" and args.covering:
+        target = parse_target(args.covering)
+        if target.is_network:
+            raise InvalidInput(f"--covering takes one address, not the network {target.text}")
+        args.covering = target.text
     elif args.command == "report":
         target = parse_target(args.ip, force=True)
         if target.is_network:
@@ -500,29 +519,69 @@ async def _server_ms(client: aioredis.Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-async def _records(client: aioredis.Redis, key: str, kind: str, now: int) -> list[BanRecord]:
-    out: list[BanRecord] = []
+class _Listed(msgspec.Struct, kw_only=True):
+    """One entry as ``banbus list`` shows it (``--json``: these keys)."""
+
+    target: str
+    kind: str
+    #: Server ms; 0 = permanent.
+    expires: int
+    #: Seconds left (None: permanent).
+    remaining_s: float | None
+    #: Server ms the entry was first written while live (None: written by an
+    #: older library, which did not keep it).
+    created: int | None
+    #: Who last wrote it.
+    origin: str
+    reason: str
+    seq: int
+
+
+class _Stored(msgspec.Struct, array_like=True):
+    expires: int
+    reason: str = ""
+    origin: str = ""
+    seq: int = 0
+    created: int = 0
+
+
+_stored_decoder = msgspec.json.Decoder(_Stored)
+
+
+async def _records(
+    client: aioredis.Redis, key: str, kind: str, now: int, args: argparse.Namespace
+) -> list[_Listed]:
+    out: list[_Listed] = []
+    covering = set(_candidates(args.covering)) if args.covering else None
     async for field, value in client.hscan_iter(key, count=5000):
         target = _s(field)
         try:
-            entry = entry_decoder.decode(value)
+            entry = _stored_decoder.decode(value)
         except (msgspec.DecodeError, msgspec.ValidationError):
-            print(f"banbus: warning: malformed record {key}[{target!r}] skipped",
+            print(f"banbus: warning: malformed record {key}[{_human(repr(target))}] skipped",
                   file=sys.stderr)  # fmt: skip
             continue
         if entry.expires and entry.expires <= now:
+            continue  # expired: the next write purges it
+        if covering is not None and target not in covering:
             continue
-        out.append(BanRecord(target, entry.expires, entry.reason, entry.origin, entry.seq,
-                             "ban" if kind == "ban" else "allow"))  # fmt: skip
+        if args.origin_filter and not fnmatch.fnmatchcase(entry.origin, args.origin_filter):
+            continue
+        if args.reason_filter and args.reason_filter.lower() not in entry.reason.lower():
+            continue
+        remaining = (entry.expires - now) / 1000 if entry.expires else None
+        out.append(_Listed(target=target, kind=kind, expires=entry.expires,
+                           remaining_s=remaining, created=entry.created or None,
+                           origin=entry.origin, reason=entry.reason, seq=entry.seq))  # fmt: skip
     out.sort(key=lambda r: r.target)
-    return out
+    return out[: args.limit] if args.limit else out
 
 
 async def _cmd_list(client: aioredis.Redis, args: argparse.Namespace) -> int:
     keys = namespace_keys(args.namespace)
     now = await _server_ms(client)
-    bans = await _records(client, keys.bans, "ban", now)
-    allows = await _records(client, keys.allow, "allow", now)
+    bans = await _records(client, keys.bans, "ban", now, args)
+    allows = await _records(client, keys.allow, "allow", now, args)
     if args.json:
         out = {"server_time_ms": now, "bans": bans, "allow": allows}
         sys.stdout.write(msgspec.json.encode(out).decode() + "\n")
@@ -532,16 +591,17 @@ async def _cmd_list(client: aioredis.Redis, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _table(out: TextIO, title: str, records: list[BanRecord], now: int) -> None:
+def _table(out: TextIO, title: str, records: list[_Listed], now: int) -> None:
     out.write(f"{title} ({len(records)}):\n")
     if not records:
         return
     width = max(len(_human(r.target)) for r in records)
     for r in records:
-        left = "permanent" if not r.expires else f"{_duration((r.expires - now) / 1000)} left"
+        left = "permanent" if r.remaining_s is None else f"{_duration(r.remaining_s)} left"
+        made = f"made {_duration((now - r.created) / 1000)} ago" if r.created else "made ?"
         reason = f"  {_quoted(r.reason)}" if r.reason else ""
-        out.write(f"  {_human(r.target):<{width}}  {left:<16} by {_human(r.origin) or '?'}"
-                  f"{reason}\n")  # fmt: skip
+        out.write(f"  {_human(r.target):<{width}}  {left:<16} {made:<17} by "
+                  f"{_human(r.origin) or '?'}{reason}\n")  # fmt: skip
 
 
 def _candidates(ip: str) -> list[str]:

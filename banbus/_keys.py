@@ -11,7 +11,7 @@ Keys of namespace ``ns`` share the hash tag ``{ns}`` (one Redis Cluster slot):
 
 ==================  ===========================================================
 ``{ns}:log``        stream of events: ``op target [expires reason] origin eid seq``
-``{ns}:bans``       hash target -> ``[expires_ms, reason, origin, seq]`` (JSON)
+``{ns}:bans``       hash target -> ``[expires_ms, reason, origin, seq, created_ms]`` (JSON)
 ``{ns}:bans:exp``   zset target -> expires_ms (entries that expire)
 ``{ns}:allow``      the allowlist, as ``{ns}:bans``
 ``{ns}:allow:exp``  its expiry index

@@ -78,7 +78,9 @@ that has no seq.
 
 Keys (one hash tag, so the namespace lives in one Cluster slot with KEYS[1]):
   {NS}:log        stream: op target [expires reason] origin eid seq
-  {NS}:bans       hash target -> [expires_ms, reason, origin, seq] (JSON; 0 = permanent)
+  {NS}:bans       hash target -> [expires_ms, reason, origin, seq, created_ms] (JSON;
+                  expires 0 = permanent; created: first written while live; the
+                  origin is the last writer's)
   {NS}:bans:exp   zset target -> expires_ms (non-permanent entries only)
   {NS}:allow, {NS}:allow:exp   the same for the allowlist
   {NS}:seq        event counter     {NS}:epoch   id of this incarnation of the keyspace
@@ -905,9 +907,16 @@ local function json_string(s)
   return '"' .. string.gsub(s, '[\\"]', '\\%0') .. '"'
 end
 
-local function record_json(expires, reason, origin, seq)
+local function record_json(expires, reason, origin, seq, created)
   return '[' .. fmt(expires) .. ',' .. json_string(reason) .. ',' .. json_string(origin) .. ','
-    .. fmt(seq) .. ']'
+    .. fmt(seq) .. ',' .. fmt(created) .. ']'
+end
+
+-- When a stored entry was first written (its 5th element; records of library
+-- v4 and older have 4, and no creation time).
+local function record_created(text)
+  local created = string.match(text, ',%d+,(%d+)%]$')
+  return created and tonumber(created)
 end
 
 -- Expired entries leave the record here (nodes expire them locally, so no
@@ -1083,7 +1092,12 @@ store = function(ns, spec, cfg, target, ttl, reason, opts, now, time, status)
   local delta = {0, 0}
   if old_exp then digest_delta(delta, spec.char, target, old_exp, -1) end
   if adding then
-    redis.call('HSET', hkey, target, record_json(expires, reason, opts.origin, seq))
+    -- A live entry extended keeps its creation time; anything else starts anew.
+    local created = now
+    if old_exp and (old_exp == 0 or old_exp > now) then
+      created = record_created(old) or now
+    end
+    redis.call('HSET', hkey, target, record_json(expires, reason, opts.origin, seq, created))
     if expires > 0 then
       redis.call('ZADD', zkey, fmt(expires), target)
     else

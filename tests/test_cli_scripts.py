@@ -225,3 +225,36 @@ def test_demo_uses_banbus_redis_url_and_leaves_nothing(redis_url: str, r: redis.
     assert result.returncode == 0, result.stdout + result.stderr
     assert "from --redis" in result.stdout or redis_url.split("//")[1] in result.stdout
     assert set(r.keys("{demo-*")) == before
+
+
+# -- history -----------------------------------------------------------------------------------
+
+
+def test_list_shows_who_and_when_and_filters(redis_url: str, namespace: str) -> None:
+    args = ("--redis", redis_url, "-n", namespace)
+    banbus("ban", "203.0.113.1", "--ttl", "1h", "--reason", "ssh brute", "--origin", "alice", *args)
+    banbus("ban", "203.0.113.0/24", "--ttl", "2d", "--reason", "scan", *args)
+    banbus("ban", "198.51.100.5", "--reason", "spam", "--origin", "bob", *args)
+    # Extending a live ban keeps its creation time.
+    first = json.loads(banbus("list", "--json", *args).stdout)
+    created = {b["target"]: b["created"] for b in first["bans"]}
+    banbus("ban", "203.0.113.1", "--ttl", "2h", "--origin", "carol", *args)
+    listed = json.loads(banbus("list", "--json", *args).stdout)
+    by_target = {b["target"]: b for b in listed["bans"]}
+    assert by_target["203.0.113.1"]["created"] == created["203.0.113.1"]
+    assert by_target["203.0.113.1"]["origin"] == "carol"
+    assert 7100 < by_target["203.0.113.1"]["remaining_s"] <= 7200
+    assert by_target["198.51.100.5"]["remaining_s"] is None  # permanent
+    assert all(b["created"] <= listed["server_time_ms"] for b in listed["bans"])
+    covering = json.loads(banbus("list", "--json", "--covering", "203.0.113.1", *args).stdout)
+    assert [b["target"] for b in covering["bans"]] == ["203.0.113.0/24", "203.0.113.1"]
+    mine = json.loads(banbus("list", "--json", "--origin", "cli@*", *args).stdout)
+    assert [b["target"] for b in mine["bans"]] == ["203.0.113.0/24"]
+    spam = json.loads(banbus("list", "--json", "--reason", "SPAM", *args).stdout)
+    assert [b["target"] for b in spam["bans"]] == ["198.51.100.5"]
+    assert len(json.loads(banbus("list", "--json", "--limit", "1", *args).stdout)["bans"]) == 1
+    human = banbus("list", *args).stdout
+    assert "made " in human and " ago" in human and "by carol" in human
+    checked = banbus("check", "203.0.113.9", *args)
+    assert checked.returncode == 1 and "banned by 203.0.113.0/24" in checked.stdout
+    one_line_error(banbus("list", "--covering", "203.0.113.0/24", *args), "one address")

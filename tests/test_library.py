@@ -346,7 +346,7 @@ async def test_ban_writes_record_index_and_event(r: AsyncRedis, namespace: str) 
     assert (seq, target) == (1, "2001:db8::7")
     assert before + 3_600_000 <= expires <= after + 3_600_000
     ns = f"{{{namespace}}}"
-    assert json.loads(await r.hget(f"{ns}:bans", target)) == [expires, "scanner", "node-1", 1]
+    assert json.loads(await r.hget(f"{ns}:bans", target))[:4] == [expires, "scanner", "node-1", 1]
     assert await r.zrange(f"{ns}:bans:exp", 0, -1, withscores=True) == [(target, expires)]
     assert epoch == await r.get(f"{ns}:epoch")
     assert epoch and re.fullmatch(r"[0-9]+", epoch)
@@ -378,10 +378,10 @@ async def test_ban_writes_record_index_and_event(r: AsyncRedis, namespace: str) 
 async def test_reason_is_optional_and_json_safe(r: AsyncRedis, namespace: str) -> None:
     ns = f"{{{namespace}}}"
     await fcall(r, "banbus_ban", namespace, "192.0.2.1", "0")
-    assert json.loads(await r.hget(f"{ns}:bans", "192.0.2.1")) == [0, "", "fcall", 1]
+    assert json.loads(await r.hget(f"{ns}:bans", "192.0.2.1"))[:4] == [0, "", "fcall", 1]
     tricky = 'say "hi" \\ / d\u00e9j\u00e0 vu \u2603'
     await fcall(r, "banbus_allow", namespace, "192.0.2.2", "0", tricky, "force")
-    assert json.loads(await r.hget(f"{ns}:allow", "192.0.2.2")) == [0, tricky, "fcall", 2]
+    assert json.loads(await r.hget(f"{ns}:allow", "192.0.2.2"))[:4] == [0, tricky, "fcall", 2]
     # A keyword in third place is a reason; options come after it.
     await fcall(r, "banbus_ban", namespace, "192.0.2.3", "0", "FORCE")
     assert json.loads(await r.hget(f"{ns}:bans", "192.0.2.3"))[1] == "FORCE"
@@ -397,7 +397,10 @@ async def test_reban_merges_expiry(r: AsyncRedis, namespace: str) -> None:
     # A shorter re-ban keeps the later expiry, but is still an event.
     seq, _, _, merged, *_ = await fcall(r, "banbus_ban", namespace, "198.51.100.1", "60", "again")
     assert (seq, merged) == (2, first)
-    assert json.loads(await r.hget(f"{ns}:bans", "198.51.100.1")) == [first, "again", "fcall", 2]
+    stored = json.loads(await r.hget(f"{ns}:bans", "198.51.100.1"))
+    assert stored[:4] == [first, "again", "fcall", 2]
+    created = stored[4]  # the first write's time, kept while the ban lives
+    assert first - 3600 * 1000 - 1000 <= created <= first - 3600 * 1000
     # A longer one extends.
     _, _, _, longer, *_ = await fcall(r, "banbus_ban", namespace, "198.51.100.1", "7200")
     assert longer > first
@@ -418,6 +421,7 @@ async def test_reban_merges_expiry(r: AsyncRedis, namespace: str) -> None:
     assert timed > 0
     assert await r.zscore(f"{ns}:bans:exp", "198.51.100.1") == timed
     assert await r.xlen(f"{ns}:log") == 7
+    assert json.loads(await r.hget(f"{ns}:bans", "198.51.100.1"))[4] == created
 
 
 @pytest.mark.anyio
@@ -431,7 +435,9 @@ async def test_reban_after_real_expiry(r: AsyncRedis, namespace: str) -> None:
     seq, _, _, again, *_ = await fcall(r, "banbus_ban", namespace, "198.51.100.2", "1", "back")
     assert seq == 2
     assert start + 1000 <= again <= await server_ms(r) + 1000
-    assert json.loads(await r.hget(f"{ns}:bans", "198.51.100.2")) == [again, "back", "fcall", 2]
+    stored = json.loads(await r.hget(f"{ns}:bans", "198.51.100.2"))
+    assert stored[:4] == [again, "back", "fcall", 2]
+    assert stored[4] == again - 1000  # expired before: created anew
 
 
 @pytest.mark.anyio
@@ -756,7 +762,7 @@ async def test_redis_cli_operator_commands(
     assert "BANBUS" not in out and "ERR" not in out, out
     assert lines[0] == "1" and lines[2] == "203.0.113.7", out
     expires = int(lines[3])
-    assert json.loads(await r.hget(f"{ns}:bans", "203.0.113.7")) == [
+    assert json.loads(await r.hget(f"{ns}:bans", "203.0.113.7"))[:4] == [
         expires,
         "scanner",
         "fcall",
@@ -770,7 +776,7 @@ async def test_redis_cli_operator_commands(
 
     out = _redis_cli(redis_server, f'FCALL banbus_allow 1 {namespace} 10.0.0.0/8 0 "office"')
     assert out.split()[0] == "3" and "BANBUS" not in out, out
-    assert json.loads(await r.hget(f"{ns}:allow", "10.0.0.0/8")) == [0, "office", "fcall", 3]
+    assert json.loads(await r.hget(f"{ns}:allow", "10.0.0.0/8"))[:4] == [0, "office", "fcall", 3]
 
     out = _redis_cli(redis_server, f"FCALL banbus_disallow 1 {namespace} 10.0.0.0/8")
     assert out.split()[0] == "4" and "BANBUS" not in out, out
@@ -946,7 +952,7 @@ async def test_library_runs_on_fakeredis() -> None:
             client, "banbus_ban", ns, "::FFFF:203.0.113.7", "3600", 'a "quoted" reason'
         )
         assert (seq, target) == (1, "203.0.113.7")
-        assert json.loads(await client.hget("{fake}:bans", target)) == [
+        assert json.loads(await client.hget("{fake}:bans", target))[:4] == [
             expires,
             'a "quoted" reason',
             "fcall",
