@@ -24,8 +24,7 @@ from ._node import Node, NodeStatistics
 from ._policy import Policy, Report
 from ._supervisor import BanSource, Supervisor, SupervisorStatistics, TrackedConnection
 from ._targets import Target, parse_target
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "Allow",

@@ -22,8 +22,8 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
-from . import __version__
 from ._exceptions import BanbusError, InvalidInput, RedisUnavailable
+from ._heartbeat import Beat, node_key, nodes_key
 from ._keys import namespace_keys
 from ._library import LIBRARY_VERSION, ensure_library, translate_error
 from ._model import (
@@ -38,6 +38,7 @@ from ._model import (
 from ._policy import BUILTIN_POLICIES, check_kind, check_weight
 from ._targets import format_target, parse_target
 from ._topology import open_topology, redirected
+from ._version import __version__
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
@@ -100,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         if name != "demo":
-            kwargs.setdefault("parents", [reading if name == "list" else common])
+            kwargs.setdefault("parents", [reading if name in ("list", "status") else common])
         return real_add(name, **kwargs)
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
@@ -196,6 +197,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = psub.add_parser("delete", help="delete a policy (a built-in one reverts to its default)")
     p.add_argument("kind")
+    p = sub.add_parser(
+        "status", help="the namespace and its live nodes (heartbeats)",
+        description="The namespace (bans, allowlist, stream, function library) and every node "
+        "that sent a heartbeat within three of its intervals: lag, bans held, connections "
+        "tracked and cut, outbox.",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser(
         "load-library",
         help="load the function library into Redis (after a restart without persistence)",
@@ -262,7 +270,7 @@ async def _run(args: argparse.Namespace) -> int:
         "ban": _cmd_write, "allow": _cmd_write, "unban": _cmd_remove, "disallow": _cmd_remove,
         "list": _cmd_list, "check": _cmd_check, "watch": _cmd_watch, "clear": _cmd_clear,
         "repair": _cmd_repair, "report": _cmd_report, "policy": _cmd_policy,
-        "load-library": _cmd_load_library,
+        "load-library": _cmd_load_library, "status": _cmd_status,
     }  # fmt: skip
     # Validate before connecting: bad input writes nothing and needs no server.
     if args.command in ("ban", "allow"):
@@ -356,6 +364,65 @@ async def _cmd_write(client: aioredis.Redis, args: argparse.Namespace) -> int:
         # The later of the existing and the new expiry wins (permanent wins).
         print(f"  kept the existing {'permanent ' if not int(expires) else ''}expiry, later "
               f"than the {args.ttl} asked for; --replace sets it to exactly that")  # fmt: skip
+    return EXIT_OK
+
+
+async def _cmd_status(client: aioredis.Redis, args: argparse.Namespace) -> int:
+    keys = namespace_keys(args.namespace)
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.time()
+        pipe.hlen(keys.bans)
+        pipe.hlen(keys.allow)
+        pipe.xlen(keys.log)
+        pipe.fcall_ro("banbus_state", 1, keys.function_key)
+        pipe.zrange(nodes_key(args.namespace), 0, -1, withscores=True)
+        (seconds, micros), bans, allows, length, state, members = await pipe.execute()
+    now = int(seconds) * 1000 + int(micros) // 1000
+    head_id, head_seq, epoch, _server, version = (_s(x) if isinstance(x, bytes) else x
+                                                   for x in state)  # fmt: skip
+    ids = [_s(m) for m, until in members if until > now]  # the dead are not listed
+    raw = await client.mget([node_key(args.namespace, i) for i in ids]) if ids else []
+    nodes = []
+    for node_id, value in zip(ids, raw, strict=True):
+        if value is None:
+            continue  # expired between the two reads
+        try:
+            beat = msgspec.json.decode(value, type=Beat)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            print(f"banbus: warning: malformed heartbeat of {_human(node_id)} skipped",
+                  file=sys.stderr)  # fmt: skip
+            continue
+        nodes.append(beat)
+    nodes.sort(key=lambda b: b.node_id)
+    summary = {
+        "namespace": args.namespace, "server_time_ms": now, "library_version": int(version),
+        "epoch": _s(epoch), "head_seq": int(head_seq), "head_id": _s(head_id),
+        "bans": int(bans), "allows": int(allows), "stream_length": int(length),
+    }  # fmt: skip
+    if args.json:
+        out = {**summary, "nodes": nodes}
+        sys.stdout.write(msgspec.json.encode(out).decode() + "\n")
+        return EXIT_OK
+    print(f"namespace {args.namespace!r} at {_safe_url(args.redis)}: function library "
+          f"v{int(version)}, event seq {int(head_seq)}, epoch {_s(epoch) or '-'}")  # fmt: skip
+    print(f"  {int(bans):,} bans, {int(allows):,} allowlist entries, "
+          f"{int(length):,} events in the stream")  # fmt: skip
+    print(f"nodes ({len(nodes)} live):")
+    if not nodes:
+        return EXIT_OK
+    rows = [("node", "host", "version", "behind", "lag", "bans", "tracked", "cut", "outbox",
+             "seen")]  # fmt: skip
+    for b in nodes:
+        behind = max(0, int(head_seq) - b.seq)
+        link = "" if b.connected else " (offline)"
+        rows.append((
+            _human(b.node_id) + link, _human(b.host), _human(b.version), f"{behind}",
+            f"{b.lag_ms:.1f} ms", f"{b.bans:,}", f"{b.tracked:,}", f"{b.cut:,}", f"{b.outbox}",
+            f"{_duration((now - b.sent_ms) / 1000)} ago",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))).rstrip())
     return EXIT_OK
 
 

@@ -58,6 +58,7 @@ from ._cache import BanCache
 from ._clock import ServerClock, local_clock_ms
 from ._exceptions import BanbusError, InvalidTarget, NodeClosed, RedisUnavailable, ServerError
 from ._follower import Follower
+from ._heartbeat import Beat, Heartbeat, host_facts
 from ._keys import DEFAULT_MIN_PREFIX_V4, DEFAULT_MIN_PREFIX_V6, MAX_THRESHOLD, namespace_keys
 from ._library import ensure_library
 from ._model import (
@@ -82,6 +83,7 @@ from ._state import SavedOutbox, SavedView, SavedWrite, StateFile
 from ._statistics import NodeStatistics
 from ._targets import Target, parse_target
 from ._topology import Topology, open_topology
+from ._version import __version__
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -154,6 +156,8 @@ class Node:
         once — even while Redis is unreachable — and publishes writes it had
         queued (see ``_state``).
     :param state_interval: seconds between saves of the view, at least.
+    :param heartbeat_interval: seconds between heartbeats (``banbus status``
+        lists the nodes that sent one within three intervals); 0: none.
     :param never_ban: addresses and networks :meth:`report` never counts or
         bans (default loopback: ``127.0.0.0/8`` and ``::1``); an explicit
         :meth:`ban` still works on them.  The allowlist is never auto-banned
@@ -184,6 +188,7 @@ class Node:
         state_file: str | os.PathLike[str] | None = None,
         state_interval: float = 1.0,
         never_ban: Iterable[str] = ("127.0.0.0/8", "::1"),
+        heartbeat_interval: float = 5.0,
     ) -> None:
         self._keys = namespace_keys(namespace)
         self.namespace = namespace
@@ -235,6 +240,11 @@ class Node:
         self._never_ban: list[Target] = [parse_target(t, force=True) for t in never_ban]
         self._reporter: Reporter | None = None
         self._report_stats = {"banned_here": 0, "exempt": 0}
+        if heartbeat_interval < 0:
+            raise ValueError("heartbeat_interval must be >= 0 (0 turns heartbeats off)")
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat: Heartbeat | None = None
+        self._started_ms = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -275,6 +285,14 @@ class Node:
             tg.start_soon(self._reseeder.run)
             assert self._reporter is not None
             tg.start_soon(self._reporter.run)
+            self._started_ms = self._clock.now()
+            if self._heartbeat_interval > 0:
+                self._heartbeat = Heartbeat(
+                    client, self.namespace, self.node_id, interval=self._heartbeat_interval,
+                    beat=self._beat, now=self._clock.now,
+                )  # fmt: skip
+                tg.start_soon(self._heartbeat.run)
+                stack.push_async_callback(self._leave)
             tg.start_soon(self._clock.run, self._server_time, self._clock_interval or 1.0)
             topology.on_change(self._topology_changed)
             tg.start_soon(topology.run, self._position)
@@ -522,6 +540,33 @@ class Node:
         if reply is None:
             return held
         return reply.status != "absent"
+
+    # -- heartbeat ---------------------------------------------------------------------------
+
+    def _beat(self) -> Beat:
+        stats = self.statistics()
+        sup = self._supervisor.statistics() if self._supervisor is not None else None
+        host, pid = host_facts()
+        return Beat(
+            node_id=self.node_id, host=host, pid=pid, version=__version__,
+            started_ms=self._started_ms, sent_ms=self._clock.now(),
+            interval=self._heartbeat_interval, seq=stats.last_seq, lag_ms=stats.lag_ms,
+            bans=stats.bans_active, networks=stats.networks_active, allows=stats.allows_active,
+            outbox=stats.outbox_pending, pending=stats.writes_pending,
+            tracked=sup.tracked if sup else 0, cut=sup.cut if sup else 0,
+            refused=sup.refused if sup else 0, reconnects=stats.reconnects,
+            resyncs=stats.resyncs, auto_bans=stats.auto_bans + stats.auto_bans_local,
+            topology=stats.topology, reading_from=stats.reading_from, connected=stats.connected,
+        )  # fmt: skip
+
+    async def _leave(self) -> None:
+        if self._heartbeat is None:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+            try:
+                await self._heartbeat.remove()
+            except (redis_errors.RedisError, OSError) as exc:
+                log.debug("banbus: %s could not remove its heartbeat: %s", self.node_id, exc)
 
     # -- auto-ban ---------------------------------------------------------------------------
 

@@ -52,18 +52,22 @@ def test_the_documented_acl_lines() -> None:
     password to change; only the operator may load the library."""
     roles = _documented_roles()
     assert set(roles) == {"node", "follower", "operator"}
-    for rule in roles.values():
-        assert rule[:5] == ["on", ">CHANGE-ME", "resetkeys", "~{banbus}:*", "resetchannels"]
-        assert "-@all" in rule
-        assert not any(w.startswith(("~", "%", "&", "allkeys")) for w in rule[5:])
+    for role, rule in roles.items():
+        keys = "%R~{banbus}:*" if role == "follower" else "~{banbus}:*"
+        assert rule[:4] == ["on", ">CHANGE-ME", "resetkeys", keys]
+        assert "-@all" in rule and "resetchannels" in rule
+        patterns = [w for w in rule[4:] if w.startswith(("~", "%", "&", "allkeys"))]
+        # The follower may write its heartbeat only.
+        assert patterns == (["%RW~{banbus}:node:*", "%RW~{banbus}:nodes"]
+                            if role == "follower" else [])  # fmt: skip
     assert "+function|load" in roles["operator"]
     assert "+function|load" not in roles["node"] + roles["follower"]
-    assert not {"+fcall", "+xadd", "+hset", "+set", "+del"} & set(roles["follower"])
+    assert not {"+fcall", "+xadd", "+hset", "+hdel", "+incr"} & set(roles["follower"])
 
 
 async def _user(admin: aioredis.Redis, name: str, role: str, ns: str) -> None:
     rule = [
-        word.replace(">CHANGE-ME", f">{name}-pw").replace("~{banbus}:*", f"~{{{ns}}}:*")
+        word.replace(">CHANGE-ME", f">{name}-pw").replace("{banbus}", f"{{{ns}}}")
         for word in _documented_roles()[role]
     ]
     await admin.execute_command("ACL", "SETUSER", name, *rule)
@@ -125,6 +129,17 @@ async def test_node_roles_scoped_to_one_namespace(
         for node in (a, b, w):
             stats = node.statistics()
             assert (stats.resyncs, stats.reconnects) == (0, 0)
+        # The follower's heartbeat is the only thing it may write.
+        watcher = aioredis.Redis.from_url(_url(proc, "watcher"))
+        try:
+            with pytest.raises(Exception, match=r"NOPERM|no permissions"):
+                await watcher.set(keys("mail").seq, 99)
+        finally:
+            await watcher.aclose()
+        await eventually(lambda: w._heartbeat is not None and w._heartbeat.stats["sent"] >= 1,
+                         5.0, "the follower's heartbeat")  # fmt: skip
+        live = await admin.zrange("{mail}:nodes", 0, -1)
+        assert set(live) == {"mx1", "mx2", "watcher"}
         # Anti-entropy works read-only.
         await eventually(lambda: w.statistics().digest_checks >= 1, 5.0, "a digest check")
         await assert_converged(admin, "mail", a, b, w)
@@ -173,6 +188,7 @@ async def test_operator_cli_and_redis_cli_with_a_scoped_user(
     assert await anyio.to_thread.run_sync(cli, "policy", "list") == 0
     assert await anyio.to_thread.run_sync(cli, "report", "203.0.113.8", "auth") == 0
     assert await anyio.to_thread.run_sync(cli, "policy", "delete", "auth") == 0
+    assert await anyio.to_thread.run_sync(cli, "status") == 0
     capsys.readouterr()
     # redis-cli: the documented call with a key of the namespace as KEYS[1].
     if shutil.which("redis-cli"):
