@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import datetime as dt
 import fnmatch
+import io
 import json
+import math
 import os
 import re
 import socket
 import sys
+import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
+from ._blocklist import Parsed, parse_lines
 from ._exceptions import BanbusError, InvalidInput, RedisUnavailable
 from ._heartbeat import Beat, node_key, nodes_key
 from ._keys import namespace_keys
@@ -35,7 +40,7 @@ from ._model import (
     entry_decoder,
     parse_ttl,
 )
-from ._policy import BUILTIN_POLICIES, check_kind, check_weight
+from ._policy import BUILTIN_POLICIES, check_kind, check_weight, sanitise_detail
 from ._targets import format_target, parse_target
 from ._topology import open_topology, redirected
 from ._version import __version__
@@ -46,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+#: Commands that write nothing (``--origin`` is a filter there, or absent).
+READING = ("list", "status", "export")
 EXIT_OK, EXIT_BANNED, EXIT_ERROR = 0, 1, 2
 
 
@@ -101,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         if name != "demo":
-            kwargs.setdefault("parents", [reading if name in ("list", "status") else common])
+            kwargs.setdefault("parents", [reading if name in READING else common])
         return real_add(name, **kwargs)
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
@@ -204,6 +211,28 @@ def _parser() -> argparse.ArgumentParser:
         "tracked and cut, outbox.",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser(
+        "import", help="ban every target of a blocklist (plain, FireHOL, Spamhaus DROP, CSV)",
+        description="Read a blocklist — one address or network per line with # or ; comments "
+        "(plain, FireHOL .netset/.ipset, Spamhaus DROP/EDROP), or CSV target,ttl,reason — "
+        "validate every line, then ban them all, pipelined.  Invalid lines are reported with "
+        "their number and skipped (--strict: nothing is written).",
+    )  # fmt: skip
+    p.add_argument("file", help="the list, or - for standard input")
+    p.add_argument("--format", dest="fmt", choices=("auto", "plain", "csv"), default="auto")
+    p.add_argument("--ttl", default="0", help="for lines without one (default: permanent)")
+    p.add_argument("--reason", default=None,
+                   help="for lines without one (default: the list's comment, else 'import "
+                   "FILE')")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="accept prefixes wider than the minimum")
+    p.add_argument("--strict", action="store_true", help="any invalid line: write nothing")
+    p.add_argument("--dry-run", action="store_true", help="validate and count; write nothing")
+    p.add_argument("--allow", action="store_true", help="import into the allowlist instead")
+    p = sub.add_parser("export", help="write the bans (or --allow: the allowlist) as a list")
+    p.add_argument("--format", dest="fmt", choices=("plain", "csv", "json"), default="plain",
+                   help="plain: one target per line; csv: target,ttl,reason (what import "
+                   "reads back); json: as list --json")  # fmt: skip
+    p.add_argument("--allow", action="store_true", help="the allowlist instead of the bans")
     sub.add_parser(
         "load-library",
         help="load the function library into Redis (after a restart without persistence)",
@@ -270,7 +299,8 @@ async def _run(args: argparse.Namespace) -> int:
         "ban": _cmd_write, "allow": _cmd_write, "unban": _cmd_remove, "disallow": _cmd_remove,
         "list": _cmd_list, "check": _cmd_check, "watch": _cmd_watch, "clear": _cmd_clear,
         "repair": _cmd_repair, "report": _cmd_report, "policy": _cmd_policy,
-        "load-library": _cmd_load_library, "status": _cmd_status,
+        "load-library": _cmd_load_library, "status": _cmd_status, "import": _cmd_import,
+        "export": _cmd_export,
     }  # fmt: skip
     # Validate before connecting: bad input writes nothing and needs no server.
     if args.command in ("ban", "allow"):
@@ -285,6 +315,10 @@ async def _run(args: argparse.Namespace) -> int:
         raise InvalidInput(
             f"clear deletes every ban of namespace {args.namespace!r}; add --yes to confirm"
         )
+    elif args.command == "import":
+        args.parsed = _read_blocklist(args)
+        if args.dry_run or (args.strict and args.parsed.errors):
+            return _import_report(args, written=0)
     elif args.command == "list" and args.covering:
         target = parse_target(args.covering)
         if target.is_network:
@@ -423,6 +457,120 @@ async def _cmd_status(client: aioredis.Redis, args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))).rstrip())
+    return EXIT_OK
+
+
+def _read_blocklist(args: argparse.Namespace) -> Parsed:
+    args.default_ttl = parse_ttl(args.ttl)
+    if args.reason is not None:
+        check_reason(args.reason)
+    name = "stdin" if args.file == "-" else os.path.basename(args.file)
+    args.default_reason = args.reason
+    args.fallback_reason = check_reason(sanitise_detail(f"import {name}", 200))
+    try:
+        if args.file == "-":
+            stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+            return parse_lines(stream, fmt=args.fmt, force=args.force)
+        with open(args.file, encoding="utf-8", errors="replace") as f:
+            return parse_lines(f, fmt=args.fmt, force=args.force)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {args.file}: {exc.strerror or exc}") from exc
+
+
+def _import_report(args: argparse.Namespace, written: int) -> int:
+    parsed: Parsed = args.parsed
+    for number, text, why in parsed.errors[:20]:
+        if text:
+            print(f"banbus: {args.file}:{number}: {_human(why)} ({_quoted(text)})",
+                  file=sys.stderr)  # fmt: skip
+    if len(parsed.errors) > 20:
+        print(f"banbus: … and {len(parsed.errors) - 20} more invalid lines", file=sys.stderr)
+    valid, bad = len(parsed.lines), len(parsed.errors)
+    what = "allowlisted" if args.allow else "banned"
+    if args.dry_run:
+        print(f"{valid:,} valid targets, {bad:,} invalid lines, {parsed.duplicates:,} "
+              f"duplicates; nothing written (--dry-run)")  # fmt: skip
+        return EXIT_OK if not (args.strict and bad) else EXIT_ERROR
+    if args.strict and bad:
+        print(f"banbus: error: {bad:,} invalid lines; nothing written (--strict)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    print(f"{what} {written:,} of {valid:,} targets ({bad:,} invalid lines skipped, "
+          f"{parsed.duplicates:,} duplicates)")  # fmt: skip
+    return EXIT_OK
+
+
+async def _cmd_import(client: aioredis.Redis, args: argparse.Namespace) -> int:
+    parsed: Parsed = args.parsed
+    function = "banbus_allow" if args.allow else "banbus_ban"
+    key = _key(args)
+    total = len(parsed.lines)
+    progress = _Progress(total, sys.stderr)
+    written = 0
+    batch = 2000
+    for start in range(0, total, batch):
+        pipe = client.pipeline(transaction=False)
+        for line in parsed.lines[start : start + batch]:
+            ttl = args.default_ttl if line.ttl is None else line.ttl
+            reason = args.default_reason or line.reason or args.fallback_reason
+            extra = ["FORCE"] if args.force else []
+            pipe.fcall(function, 1, key, line.target, ttl, reason, *extra,
+                       "ORIGIN", args.origin)  # fmt: skip
+        replies = await pipe.execute(raise_on_error=False)
+        for line, reply in zip(parsed.lines[start : start + batch], replies, strict=True):
+            if isinstance(reply, Exception):
+                parsed.errors.append((line.number, line.target, _for_cli(str(reply))))
+            else:
+                written += 1
+        progress.update(min(start + batch, total))
+    progress.done()
+    return _import_report(args, written)
+
+
+class _Progress:
+    """A progress bar on a terminal; nothing otherwise (the summary line says it all)."""
+
+    def __init__(self, total: int, out: TextIO) -> None:
+        self.total, self.out = total, out
+        self.tty = out.isatty() and total > 0
+        self.started = time.monotonic()
+
+    def update(self, done: int) -> None:
+        if not self.tty:
+            return
+        width = 30
+        filled = int(width * done / self.total)
+        rate = done / max(time.monotonic() - self.started, 1e-6)
+        self.out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done:,}/{self.total:,} "
+                       f"({rate:,.0f}/s)")  # fmt: skip
+        self.out.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+
+
+async def _cmd_export(client: aioredis.Redis, args: argparse.Namespace) -> int:
+    keys = namespace_keys(args.namespace)
+    now = await _server_ms(client)
+    args.covering = args.origin_filter = args.reason_filter = None
+    args.limit = 0
+    kind = "allow" if args.allow else "ban"
+    records = await _records(client, keys.allow if args.allow else keys.bans, kind, now, args)
+    out = sys.stdout
+    if args.fmt == "json":
+        out.write(msgspec.json.encode(records).decode() + "\n")
+    elif args.fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["target", "ttl", "reason"])
+        for r in records:
+            ttl = 0 if r.remaining_s is None else max(1, math.ceil(r.remaining_s))
+            writer.writerow([r.target, ttl, r.reason])
+    else:
+        name = "allowlist" if args.allow else "bans"
+        out.write(f"# banbus {name} of namespace {args.namespace}: {len(records)} entries\n")
+        for r in records:
+            out.write(r.target + "\n")
     return EXIT_OK
 
 

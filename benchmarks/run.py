@@ -28,6 +28,7 @@ import bench_autoban
 import bench_cache
 import bench_cut
 import bench_deploy
+import bench_operating
 import bench_propagation
 import bench_reconnect
 from _common import Result, command, drop_namespace, fmt_num, raise_fd_limit
@@ -66,6 +67,7 @@ BENCHES: dict[str, tuple[Callable[[Context], Awaitable[list[Result]]], str]] = {
         "a report crossing a policy → RST on another node, vs a plain ban",
     ),
     "reports": (bench_autoban.run_reports, "reports/s (distinct, hot, banned), Redis CPU"),
+    "import": (bench_operating.run_import, "banbus import of a 100k-line blocklist"),
 }
 
 

@@ -258,3 +258,87 @@ def test_list_shows_who_and_when_and_filters(redis_url: str, namespace: str) -> 
     checked = banbus("check", "203.0.113.9", *args)
     assert checked.returncode == 1 and "banned by 203.0.113.0/24" in checked.stdout
     one_line_error(banbus("list", "--covering", "203.0.113.0/24", *args), "one address")
+
+
+# -- import / export ---------------------------------------------------------------------------
+
+DROP = """; Spamhaus DROP List 2026/11/29 - (c) 2026 The Spamhaus Project SLU
+; Last-Modified: Sun, 29 Nov 2026 10:00:00 GMT
+1.10.16.0/20 ; SBL256894
+1.19.0.0/16 ; SBL434604
+"""
+NETSET = """#
+# firehol_level1 — ipv4 hash:net ipset
+#
+1.10.16.0/20
+5.134.128.0/19   # inline comment
+223.254.0.0/16
+not-an-ip
+10.0.0.1/8
+5.134.128.0/19
+"""
+CSV = """target,ttl,reason
+198.51.100.7,1h,"ssh, brute"
+2001:db8::/48,,from csv
+203.0.113.9
+"""
+
+
+def test_import_drop_firehol_and_csv(
+    redis_url: str, namespace: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    args = ("--redis", redis_url, "-n", namespace)
+    k = namespace_keys(namespace)
+    (tmp_path / "drop.txt").write_text(DROP)
+    (tmp_path / "level1.netset").write_text(NETSET)
+    (tmp_path / "list.csv").write_text(CSV)
+    result = banbus("import", str(tmp_path / "drop.txt"), *args)
+    assert result.returncode == 0 and "banned 2 of 2 targets" in result.stdout
+    assert json.loads(r.hget(k.bans, "1.10.16.0/20") or "[]")[1] == "SBL256894"
+    # Invalid lines: reported with their number, skipped; --strict writes nothing.
+    strict = banbus("import", str(tmp_path / "level1.netset"), "--strict", *args)
+    assert strict.returncode == 2
+    assert "level1.netset:7:" in strict.stderr and "level1.netset:8:" in strict.stderr
+    assert "did you mean 10.0.0.0/8?" in strict.stderr
+    assert not r.hexists(k.bans, "223.254.0.0/16")
+    dry = banbus("import", str(tmp_path / "level1.netset"), "--dry-run", *args)
+    assert dry.returncode == 0 and "3 valid targets, 2 invalid lines, 1 duplicates" in dry.stdout
+    assert not r.hexists(k.bans, "223.254.0.0/16")
+    done = banbus("import", str(tmp_path / "level1.netset"), "--ttl", "7d", *args)
+    assert done.returncode == 0
+    assert "banned 3 of 3 targets (2 invalid lines skipped, 1 duplicates)" in done.stdout
+    stored = json.loads(r.hget(k.bans, "223.254.0.0/16") or "[]")
+    assert stored[1] == "import level1.netset"
+    csv_run = banbus("import", str(tmp_path / "list.csv"), "--reason", "", *args)
+    assert csv_run.returncode == 0, csv_run.stderr
+    assert json.loads(r.hget(k.bans, "198.51.100.7") or "[]")[1] == "ssh, brute"
+    assert json.loads(r.hget(k.bans, "2001:db8::/48") or "[]")[1] == "from csv"
+    assert json.loads(r.hget(k.bans, "203.0.113.9") or "[]")[0] == 0  # permanent
+    # From standard input, into the allowlist.
+    piped = subprocess.run(
+        [SCRIPT or "banbus", "import", "-", "--allow", *args], input="192.0.2.0/24\n",
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert piped.returncode == 0 and r.hexists(k.allow, "192.0.2.0/24")
+
+
+def test_export_round_trips_with_import(
+    redis_url: str, namespace: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    args = ("--redis", redis_url, "-n", namespace)
+    (tmp_path / "list.csv").write_text(CSV)
+    banbus("import", str(tmp_path / "list.csv"), *args)
+    exported = banbus("export", "--format", "csv", *args)
+    assert exported.returncode == 0
+    (tmp_path / "out.csv").write_text(exported.stdout)
+    copy = f"{namespace}-copy"
+    assert banbus("import", str(tmp_path / "out.csv"), "--redis", redis_url, "-n",
+                  copy).returncode == 0  # fmt: skip
+    again = banbus("export", "--format", "csv", "--redis", redis_url, "-n", copy).stdout
+    rows = [line.split(",", 1)[0] for line in exported.stdout.splitlines()]
+    assert rows == [line.split(",", 1)[0] for line in again.splitlines()]
+    assert '"ssh, brute"' in again
+    plain = banbus("export", *args).stdout.splitlines()
+    assert plain[0].startswith("# banbus bans") and sorted(plain[1:]) == sorted(rows[1:])
+    listed = json.loads(banbus("export", "--format", "json", *args).stdout)
+    assert {e["target"] for e in listed} == set(rows[1:])
