@@ -56,6 +56,8 @@ import redis.exceptions as redis_errors
 
 from ._cache import BanCache
 from ._clock import ServerClock, local_clock_ms
+from ._eventlog import EventLog
+from ._eventlog import enabled as eventlog_enabled
 from ._exceptions import BanbusError, InvalidTarget, NodeClosed, RedisUnavailable, ServerError
 from ._follower import Follower
 from ._heartbeat import Beat, Heartbeat, host_facts
@@ -244,6 +246,7 @@ class Node:
             raise ValueError("heartbeat_interval must be >= 0 (0 turns heartbeats off)")
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat: Heartbeat | None = None
+        self._eventlog: EventLog | None = None
         self._started_ms = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -286,6 +289,16 @@ class Node:
             assert self._reporter is not None
             tg.start_soon(self._reporter.run)
             self._started_ms = self._clock.now()
+            if eventlog_enabled():
+                follower = self._follower
+                assert follower is not None
+                self._eventlog = EventLog(
+                    node_id=self.node_id, lookup=lambda t: self._cache.entry("ban", t),
+                    lag=lambda: follower.lag_ms,
+                )  # fmt: skip
+                stack.callback(self.subscribe(self._eventlog.ban_landed))
+                stack.callback(self.supervisor.watch(self._eventlog.connection_cut))
+                tg.start_soon(self._eventlog.run)
             if self._heartbeat_interval > 0:
                 self._heartbeat = Heartbeat(
                     client, self.namespace, self.node_id, interval=self._heartbeat_interval,
