@@ -2,25 +2,84 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pathlib
+import subprocess
+import sys
 from typing import Any
 
+import anyio
+import pytest
 import yaml
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from banbus._servers import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.anyio
 
 
-def test_compose_file_parses_and_points_nodes_at_its_redis() -> None:
+def test_compose_file_parses_and_runs_the_playground() -> None:
+    from banbus import playground
+
     data = yaml.safe_load((ROOT / "compose" / "compose.yaml").read_text())
     services = data["services"]
-    assert {"redis", "node1", "node2", "cli"} <= set(services)
-    for name in ("node1", "node2", "cli"):
+    assert {"redis", "node1", "node2", "node3", "scanner", "cli"} <= set(services)
+    for name in ("node1", "node2", "node3", "scanner", "cli"):
         service = services[name]
         assert service["environment"]["BANBUS_REDIS_URL"] == "redis://redis:6379/0"
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         dockerfile = ROOT / "compose" / service["build"]["dockerfile"].split("/", 1)[1]
         assert dockerfile.is_file()
-    assert services["node1"]["command"][0] == "banbus"
+    # Real protected servers, not followers; the scanner waits for them.
+    for name in ("node1", "node2", "node3"):
+        command = services[name]["command"]
+        assert command[:4] == ["python", "-m", "banbus.playground", "node"]
+        assert "healthcheck" in services[name]
+    assert "--uvicorn" in services["node3"]["command"]
+    assert services["scanner"]["command"][3:] == ["scan", "node1:8080", "node2:8080",
+                                                   "node3:8080"]  # fmt: skip
+    assert set(services["scanner"]["depends_on"]) >= {"node1", "node2", "node3"}
+    assert ".[asgi]" in (ROOT / "compose" / "Dockerfile").read_text()  # node3 needs uvicorn
+    with pytest.raises(SystemExit):  # the commands are the module's own
+        playground.main(["node", "--help"])
+
+
+async def test_the_compose_services_run_as_processes(redis_url: str, namespace: str) -> None:
+    """compose.yaml's commands, run as processes on loopback: the scanner is cut on
+    every node (the compose file is not run here: no Docker engine)."""
+    services = yaml.safe_load((ROOT / "compose" / "compose.yaml").read_text())["services"]
+    ports = {name: free_port() for name in ("node1", "node2", "node3")}
+    env = {**os.environ, "BANBUS_REDIS_URL": redis_url, "BANBUS_NAMESPACE": namespace,
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    async with contextlib.AsyncExitStack() as stack:
+        for name, port in ports.items():
+            argv = [sys.executable, *services[name]["command"][1:]]
+            argv[argv.index("--port") + 1] = str(port)
+            argv += ["--host", "127.0.0.1", "--ban-loopback"]  # loopback stands for the network
+            process = await stack.enter_async_context(
+                await anyio.open_process(argv, env=env, stderr=subprocess.DEVNULL)
+            )
+            stack.push_async_callback(_stop, process)
+            assert process.stdout is not None
+            with anyio.fail_after(30):
+                line = await BufferedByteReceiveStream(process.stdout).receive_until(b"\n", 4096)
+            assert f"{name} listening on 127.0.0.1:{port}".encode() in line
+        scan = [sys.executable, *services["scanner"]["command"][1:]]
+        scan = [f"127.0.0.1:{ports[w.split(':')[0]]}" if w.startswith("node") else w for w in scan]
+        result = await anyio.run_process([*scan, "--source", "127.0.0.3"], env=env, check=False)
+    out = result.stdout.decode()
+    assert result.returncode == 0, out
+    assert out.count("then cut") == 3 and "scanner cut on every node" in out
+
+
+async def _stop(process: Any) -> None:
+    process.terminate()
+    with anyio.move_on_after(5):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
 
 
 def _load(name: str) -> dict[str, Any]:
