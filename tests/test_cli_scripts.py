@@ -23,7 +23,9 @@ import redis
 from banbus._keys import namespace_keys
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
+
+    from banbus._servers import RedisProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = shutil.which("banbus", path=str(Path(sys.executable).parent))
@@ -342,3 +344,61 @@ def test_export_round_trips_with_import(
     assert plain[0].startswith("# banbus bans") and sorted(plain[1:]) == sorted(rows[1:])
     listed = json.loads(banbus("export", "--format", "json", *args).stdout)
     assert {e["target"] for e in listed} == set(rows[1:])
+
+
+@pytest.mark.real_redis
+def test_watch_survives_a_redis_restart(
+    redis_factory: Callable[..., RedisProcess], namespace: str
+) -> None:
+    """What compose runs as a long-lived container: it reconnects and resumes."""
+    proc = redis_factory()
+    args = ("--redis", proc.url, "-n", namespace)
+    assert banbus("ban", "192.0.2.61", *args).returncode == 0
+    command = [SCRIPT] if SCRIPT else [sys.executable, "-m", "banbus"]
+    watch = subprocess.Popen([*command, "watch", "--from", "0", "--count", "2", *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert watch.stdout is not None
+        assert "192.0.2.61" in watch.stdout.readline()  # it is following
+        proc.stop()  # SIGKILL: no persistence, the stream is gone
+        proc.start()
+        assert banbus("ban", "192.0.2.62", *args).returncode == 0
+        out, err = watch.communicate(timeout=30)
+    finally:
+        watch.kill()
+    assert watch.returncode == 0, err
+    assert "192.0.2.62" in out
+    assert "reconnecting" in err
+
+
+def test_import_shows_progress_on_a_terminal(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    import pty
+
+    listing = tmp_path / "big.netset"
+    listing.write_text("".join(f"10.9.{i >> 8}.{i & 255}\n" for i in range(5000)))
+    command = [SCRIPT] if SCRIPT else [sys.executable, "-m", "banbus"]
+    leader, follower = pty.openpty()
+    try:
+        result = subprocess.run(
+            [*command, "import", str(listing), "--redis", redis_url, "-n", namespace],
+            stdout=subprocess.PIPE, stderr=follower, text=True, timeout=60,
+        )  # fmt: skip
+        os.close(follower)
+        follower = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+        if follower != -1:
+            os.close(follower)
+    assert result.returncode == 0 and "banned 5,000 of 5,000 targets" in result.stdout
+    assert b"5,000/5,000" in shown and b"[####" in shown
