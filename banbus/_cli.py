@@ -233,6 +233,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="plain: one target per line; csv: target,ttl,reason (what import "
                    "reads back); json: as list --json")  # fmt: skip
     p.add_argument("--allow", action="store_true", help="the allowlist instead of the bans")
+    p = sub.add_parser(
+        "agent", help="enforce for every server on this host: nftables + socket destroy",
+        description="Follow the namespace and mirror it into nftables (table inet banbus), and "
+        "destroy established inbound TCP connections from each banned target.  Needs root or "
+        "CAP_NET_ADMIN.  'banbus agent status' prints the table's element counts.",
+    )  # fmt: skip
+    p.add_argument("action", nargs="?", choices=("run", "status"), default="run")
+    p.add_argument("--table", default="banbus", help="nftables table (family inet)")
+    p.add_argument("--hook-priority", type=int, default=-10, help="input hook priority")
+    p.add_argument("--ports", type=_ports, default=[],
+                   help="only these local TCP ports: 25,443,8000-8010")  # fmt: skip
+    p.add_argument("--action", dest="verdict", choices=("drop", "reject"), default="drop")
+    p.add_argument("--keep", action="store_true", help="leave the table in place on exit")
+    p.add_argument("--dry-run", action="store_true", help="print the ruleset and elements")
+    p.add_argument("--node-id", default=None, help="default agent@HOSTNAME")
     sub.add_parser(
         "load-library",
         help="load the function library into Redis (after a restart without persistence)",
@@ -263,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         namespace_keys(args.namespace)
         check_origin(args.origin)
+        if args.command == "agent":
+            return _agent(args)
         return asyncio.run(_run(args))
     except KeyboardInterrupt:
         return EXIT_OK if args.command == "watch" else 130
@@ -277,6 +294,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, redis_errors.InvalidResponse):
             hint = f" — is something other than Redis listening at {_safe_url(args.redis)}?"
         return _fail(f"{type(exc).__name__}: {exc}{hint}")
+
+
+def _ports(text: str) -> list[int]:
+    ports: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a list of ports like 25,443,8000-8010"
+            )
+        first, last = int(low), int(high or low)
+        if not 1 <= first <= last <= 65535:
+            raise argparse.ArgumentTypeError(f"port range {part!r} is outside 1-65535")
+        ports.extend(range(first, last + 1))
+    return ports
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from . import agent
+    from ._nft import NftError, NftUnavailable
+
+    try:
+        if args.action == "status":
+            print(agent.agent_status(args.table))
+            return EXIT_OK
+        args.ports, args.action = args.ports, args.verdict
+        return asyncio.run(agent.run_agent(args))
+    except (NftUnavailable, NftError) as exc:
+        hint = ""
+        if "Operation not permitted" in str(exc):
+            hint = " (the agent needs root or CAP_NET_ADMIN)"
+        return _fail(f"nftables: {exc}{hint}")
 
 
 def _fail(message: str) -> int:

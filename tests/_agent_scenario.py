@@ -1,0 +1,206 @@
+"""The agent end to end, inside a private network namespace (run by tests/test_agent.py).
+
+Usage: ``unshare -n python tests/_agent_scenario.py``.  Brings ``lo`` up,
+starts a redis-server and ``banbus agent`` (the console script) in the
+namespace, and a plain keep-alive TCP server that knows nothing of banbus;
+clients connect from distinct loopback addresses.  Bans are made with
+``FCALL`` as an operator would.  Prints one JSON object of observations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+from banbus._library import ensure_library  # noqa: E402
+from banbus._servers import RedisProcess, free_port  # noqa: E402
+
+PORT = 8099
+NS = "agent"
+
+
+def serve(port: int) -> None:
+    """A dual-stack keep-alive server: reads forever, answers nothing."""
+    srv = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
+
+    def hold(conn: socket.socket) -> None:
+        try:
+            while conn.recv(100):
+                pass
+        except OSError:
+            pass
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=hold, args=(conn,), daemon=True).start()
+
+
+def connect(source: str, host: str = "127.0.0.1", timeout: float = 0.5) -> socket.socket | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.bind((source, 0))
+        s.connect((host, PORT))
+    except OSError:
+        s.close()
+        return None
+    s.settimeout(None)
+    return s
+
+
+def reset_after(s: socket.socket, started: float, limit: float = 3.0) -> float | None:
+    """Milliseconds from *started* until *s* is reset, or None."""
+    s.settimeout(limit)
+    try:
+        data = s.recv(10)
+    except (ConnectionResetError, ConnectionAbortedError):
+        return (time.perf_counter() - started) * 1000
+    except OSError:
+        return None
+    return (time.perf_counter() - started) * 1000 if data == b"" else None
+
+
+def alive(s: socket.socket) -> bool:
+    s.settimeout(0.2)
+    try:
+        return s.recv(10) != b""
+    except TimeoutError:
+        return True
+    except OSError:
+        return False
+
+
+def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def in_set(name: str, target: str) -> bool:
+    """Is *target* an element of the agent's set *name* (what the kernel holds)?"""
+    listing = subprocess.run(["nft", "-j", "list", "set", "inet", "banbus", name],
+                             capture_output=True, text=True)  # fmt: skip
+    if listing.returncode:
+        return False
+    for item in json.loads(listing.stdout)["nftables"]:
+        for elem in item.get("set", {}).get("elem", []):
+            value = elem["elem"]["val"] if isinstance(elem, dict) and "elem" in elem else elem
+            if isinstance(value, dict) and "prefix" in value:
+                value = f"{value['prefix']['addr']}/{value['prefix']['len']}"
+            if value == target:
+                return True
+    return False
+
+
+def main() -> None:
+    subprocess.run(["ip", "link", "set", "dev", "lo", "up"], check=True)
+    for address in ("2001:db8::1", "2001:db8::5"):
+        subprocess.run(["ip", "-6", "addr", "add", f"{address}/128", "dev", "lo"], check=True)
+    out: dict[str, Any] = {}
+    threading.Thread(target=serve, args=(PORT,), daemon=True).start()
+    with RedisProcess(port=free_port()) as proc:
+        r = redis.Redis.from_url(proc.url, decode_responses=True)
+        import anyio
+
+        async def load() -> None:
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url(proc.url)
+            await ensure_library(client)
+            await client.aclose()
+
+        anyio.run(load)
+        key = "{" + NS + "}:log"
+        r.fcall("banbus_ban", 1, key, "127.0.9.9", 0, "before the agent")  # type: ignore[no-untyped-call]
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "banbus", "--redis", proc.url, "-n", NS, "agent"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        try:
+            assert agent.stdout is not None
+            out["agent_started"] = agent.stdout.readline().strip()
+            out["bootstrap_blocked"] = connect("127.0.9.9") is None
+
+            attacker, bystander = connect("127.0.0.5"), connect("127.0.0.6")
+            v6 = connect("2001:db8::5", "2001:db8::1")
+            allowed, neighbour = connect("127.0.2.7"), connect("127.0.2.8")
+            assert attacker and bystander and v6 and allowed and neighbour
+            # 1. An address: its established connection is reset, new ones get nothing.
+            started = time.perf_counter()
+            r.fcall("banbus_ban", 1, key, "127.0.0.5", 0, "scanner")  # type: ignore[no-untyped-call]
+            out["reset_ms"] = reset_after(attacker, started)
+            out["bystander_alive"] = alive(bystander)
+            out["new_from_banned"] = connect("127.0.0.5") is not None
+            # 2. A network with an allowlisted address inside it.
+            r.fcall("banbus_allow", 1, key, "127.0.2.7", 0, "office")  # type: ignore[no-untyped-call]
+            out["allow_loaded"] = wait_for(lambda: in_set("allow4", "127.0.2.7"))
+            started = time.perf_counter()
+            r.fcall("banbus_ban", 1, key, "127.0.2.0/24", 0, "net")  # type: ignore[no-untyped-call]
+            out["cidr_reset_ms"] = reset_after(neighbour, started)
+            out["allowed_alive"] = alive(allowed)
+            out["allowed_new"] = connect("127.0.2.7") is not None
+            out["cidr_new"] = connect("127.0.2.99") is not None
+            # 3. IPv6.
+            started = time.perf_counter()
+            r.fcall("banbus_ban", 1, key, "2001:db8::5", 0, "v6")  # type: ignore[no-untyped-call]
+            out["v6_reset_ms"] = reset_after(v6, started)
+            out["v6_new"] = connect("2001:db8::5", "2001:db8::1") is not None
+            # 4. Unban: new connections work again.
+            r.fcall("banbus_unban", 1, key, "127.0.0.5")  # type: ignore[no-untyped-call]
+            out["after_unban"] = wait_for(lambda: (c := connect("127.0.0.5")) is not None
+                                          and (c.close() or True))  # fmt: skip
+            # 5. Expiry in the kernel.
+            r.fcall("banbus_ban", 1, key, "127.0.3.3", 1, "short")  # type: ignore[no-untyped-call]
+            out["expiring_blocked"] = wait_for(lambda: connect("127.0.3.3", timeout=0.2) is None)
+            out["expired_open"] = wait_for(lambda: connect("127.0.3.3", timeout=0.2) is not None,
+                                           timeout=5.0)  # fmt: skip
+            # 6. Nested networks: the wider one runs out, the inner one stays.
+            r.fcall("banbus_ban", 1, key, "127.0.4.0/25", 0, "inner")  # type: ignore[no-untyped-call]
+            r.fcall("banbus_ban", 1, key, "127.0.4.0/24", 1, "outer")  # type: ignore[no-untyped-call]
+            out["outer_blocked"] = wait_for(lambda: connect("127.0.4.200", timeout=0.2) is None)
+            out["outer_expired"] = wait_for(
+                lambda: connect("127.0.4.200", timeout=0.2) is not None, timeout=5.0
+            )
+            out["inner_still_blocked"] = connect("127.0.4.9", timeout=0.3) is None
+            # 7. The address inside a banned network: blocked until both are lifted.
+            r.fcall("banbus_ban", 1, key, "127.0.5.5", 0, "host")  # type: ignore[no-untyped-call]
+            r.fcall("banbus_ban", 1, key, "127.0.5.0/24", 0, "net")  # type: ignore[no-untyped-call]
+            out["net_loaded"] = wait_for(lambda: in_set("ban4_net", "127.0.5.0/24"))
+            r.fcall("banbus_unban", 1, key, "127.0.5.0/24")  # type: ignore[no-untyped-call]
+            out["net_unloaded"] = wait_for(lambda: not in_set("ban4_net", "127.0.5.0/24"))
+            out["host_inside_lifted_net_blocked"] = connect("127.0.5.5", timeout=0.3) is None
+            out["net_lifted_open"] = connect("127.0.5.6", timeout=0.3) is not None
+            status = subprocess.run([sys.executable, "-m", "banbus", "agent", "status"],
+                                    capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+            out["status"] = status.stdout
+        finally:
+            agent.terminate()
+            try:
+                agent.wait(10)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+            out["agent_stderr"] = (agent.stderr.read() if agent.stderr else "")[-2000:]
+        listing = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+        out["tables_after_exit"] = listing.stdout
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
