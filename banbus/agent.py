@@ -293,19 +293,58 @@ class Agent:
                 with anyio.move_on_after(0.1):
                     await self._dirty.wait()
                 self._dirty = anyio.Event()
-                cuts, self._cuts = self._cuts, []
+                cuts, self._cuts = list(dict.fromkeys(self._cuts)), []
+                # New connections are dropped before established ones are cut
+                # (no window for a reconnect): a new address goes in at once,
+                # anything else through the full reconcile first.
+                hosts = [t for t in cuts if "/" not in t]
+                if hosts and len(hosts) == len(cuts) and not self._add_hosts(hosts):
+                    hosts = []
                 stats = self.node.statistics()
                 due = self._next_deadline and self.node.server_time() >= self._next_deadline
                 changed = stats.last_seq != last_seq or stats.resyncs != last_resyncs
-                if cuts or changed or due:
+                if not hosts and (cuts or changed or due):
                     last_seq, last_resyncs = stats.last_seq, stats.resyncs
                     self.reconcile()
-                for target in dict.fromkeys(cuts):
-                    self.stats["connections_cut"] += await anyio.to_thread.run_sync(
-                        self._cut, target
-                    )
+                for target in cuts:
+                    self.stats["connections_cut"] += self._cut(target)
+                if hosts and (changed or due):
+                    last_seq, last_resyncs = stats.last_seq, stats.resyncs
+                    self.reconcile()
         finally:
             unsubscribe()
+
+    def _add_hosts(self, targets: list[str]) -> bool:
+        """The fast path of a ban: its addresses into the host sets, one transaction.
+        False when that cannot be done here (the reconcile will)."""
+        now = self.node.server_time()
+        adds: dict[str, list[str]] = {}
+        added: dict[Element, tuple[int, bool]] = {}
+        for target in targets:
+            entry = self.node.cache.entry("ban", target)
+            if entry is None or (entry.expires and entry.expires <= now):
+                continue
+            element = Element(f"ban{_version(target)}_host", target)
+            if self.loaded.get(element) == (entry.expires, True):
+                continue
+            # An element already loaded with another expiry is replaced by the reconcile.
+            if element in self.loaded:
+                return False
+            adds.setdefault(element.set, []).append(
+                self._element(element, entry.expires, True, now)
+            )
+            added[element] = (entry.expires, True)
+        if adds:
+            lines = [f"add element inet {self.table} {name} {{ {', '.join(items)} }}"
+                     for name, items in adds.items()]  # fmt: skip
+            try:
+                self.nft.run("\n".join(lines) + "\n")
+            except NftError:
+                return False
+            self.loaded.update(added)
+            self.stats["transactions"] += 1
+            self.stats["elements_added"] += sum(map(len, adds.values()))
+        return True
 
     def _cut(self, target: str) -> int:
         started = time.perf_counter()

@@ -56,3 +56,27 @@ async def run_import(ctx: Context) -> list[Result]:
     ctx.log(f"  banbus import {cli_s:.2f} s, bare pipelined FCALL {bare_s:.2f} s ({count:,})")
     name = "import_100k_s" if count == 100_000 else "import_20k_s"
     return [Result(name, cli_s, "s", bare_s, "bare redis-py pipelined FCALL, same targets")]
+
+
+async def run_agent(ctx: Context) -> list[Result]:
+    """``bench_agent.py`` in a private network namespace (needs root: skipped, and
+    said, without)."""
+    import json as _json
+
+    import anyio
+
+    script = os.path.join(os.path.dirname(__file__), "bench_agent.py")
+    argv = ["unshare", "-n", sys.executable, script, *(["--quick"] if ctx.quick else [])]
+    result = await anyio.run_process(argv, check=False)
+    for line in result.stderr.decode().splitlines():
+        if line.startswith("  "):
+            ctx.log(line)
+    if result.returncode != 0:
+        ctx.log(f"  agent benchmark not run: {result.stderr.decode().strip()[-300:]}")
+        return []
+    rows = _json.loads(result.stdout.decode().strip().splitlines()[-1])
+    out = []
+    for row in rows:
+        baseline, name = row.get("baseline"), row.get("baseline_name", "")
+        out.append(Result(row["name"], row["value"], row["unit"], baseline, name))
+    return out

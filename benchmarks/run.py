@@ -68,6 +68,10 @@ BENCHES: dict[str, tuple[Callable[[Context], Awaitable[list[Result]]], str]] = {
     ),
     "reports": (bench_autoban.run_reports, "reports/s (distinct, hot, banned), Redis CPU"),
     "import": (bench_operating.run_import, "banbus import of a 100k-line blocklist"),
+    "agent": (
+        bench_operating.run_agent,
+        "banbus agent in a network namespace: ban → reset of a plain server, nft load",
+    ),
 }
 
 

@@ -1,0 +1,165 @@
+"""The host agent, measured inside a private network namespace (root).
+
+Run by ``run.py --only agent`` (which re-executes this file under
+``unshare -n``) or directly: ``unshare -n python benchmarks/bench_agent.py``.
+
+* ``agent_reset_p50/p99_ms``: ``FCALL banbus_ban`` → a keep-alive client of a
+  plain Python socket server (no banbus in it) sees the reset, with the agent
+  running; interleaved with
+* ``agent_ss_k_p50/p99_ms``: the baseline — a bare stream reader that runs
+  ``ss -K dst IP`` (a process per ban) for each event, on the same server.
+* ``agent_nft_load_1m_s``: one transaction loading 1M addresses into the
+  agent's sets (what a bootstrap of 1M bans costs in nftables), and
+  ``agent_elements_per_s`` from it.
+
+Prints one JSON list of results on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+from banbus._keys import namespace_keys  # noqa: E402
+from banbus._library import LIBRARY_CODE  # noqa: E402
+from banbus._nft import Nft  # noqa: E402
+from banbus._servers import RedisProcess, free_port  # noqa: E402
+from banbus.agent import ruleset  # noqa: E402
+
+PORT = 8099
+
+
+def _serve() -> None:
+    srv = socket.create_server(("127.0.0.1", PORT), backlog=1024)
+
+    def hold(conn: socket.socket) -> None:
+        try:
+            while conn.recv(100):
+                pass
+        except OSError:
+            pass
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=hold, args=(conn,), daemon=True).start()
+
+
+def _sample(r: redis.Redis, key: str, source: str) -> float | None:
+    s = socket.create_connection(("127.0.0.1", PORT), source_address=(source, 0))
+    s.settimeout(3)
+    time.sleep(0.005)  # idle before the ban, like a scanner between probes
+    started = time.perf_counter()
+    r.fcall("banbus_ban", 1, key, source, 600, "bench")  # type: ignore[no-untyped-call]
+    try:
+        data = s.recv(10)
+        ok = data == b""
+    except (ConnectionResetError, ConnectionAbortedError):
+        ok = True
+    except OSError:
+        ok = False
+    finally:
+        s.close()
+    return (time.perf_counter() - started) * 1000 if ok else None
+
+
+def _ss_k_follower(url: str, key: str, stop: threading.Event) -> None:
+    """The baseline: read the stream, run `ss -K` per ban."""
+    r = redis.Redis.from_url(url, decode_responses=True)
+    last = "$"
+    while not stop.is_set():
+        reply = r.xread({key: last}, block=200)
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                last = entry_id
+                if fields.get("op") == "ban":
+                    subprocess.run(["ss", "-K", "dst", fields["target"]], capture_output=True)
+
+
+def _pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    n = 100 if quick else 300
+    subprocess.run(["ip", "link", "set", "dev", "lo", "up"], check=True)
+    threading.Thread(target=_serve, daemon=True).start()
+    results = []
+    with RedisProcess(port=free_port()) as proc:
+        r = redis.Redis.from_url(proc.url, decode_responses=True)
+        r.function_load(LIBRARY_CODE, replace=True)
+        ns_agent, ns_ss = "benchagent", "benchssk"
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "banbus", "--redis", proc.url, "-n", ns_agent, "agent"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        stop = threading.Event()
+        follower = threading.Thread(
+            target=_ss_k_follower, args=(proc.url, namespace_keys(ns_ss).log, stop), daemon=True
+        )
+        try:
+            assert agent.stdout is not None
+            agent.stdout.readline()
+            follower.start()
+            time.sleep(0.3)  # the baseline's first XREAD is in place (it reads from "$")
+            times: dict[str, list[float]] = {"agent": [], "ss_k": []}
+            lost = {"agent": 0, "ss_k": 0}
+            order = ["agent", "ss_k"] * n
+            random.Random(7).shuffle(order)
+            for i, which in enumerate(order):
+                k = i + 1  # every sample its own address
+                source = f"127.{10 + k // 65536}.{k // 256 % 256}.{k % 256}"
+                key = namespace_keys(ns_agent if which == "agent" else ns_ss).log
+                ms = _sample(r, key, source)
+                if ms is None:
+                    lost[which] += 1
+                else:
+                    times[which].append(ms)
+        finally:
+            stop.set()
+            agent.terminate()
+            agent.wait(10)
+        for which, name in (("agent", "agent_reset"), ("ss_k", "agent_ss_k")):
+            values = times[which]
+            print(f"  {name}: n={len(values)} p50={_pct(values, 50):.2f} "
+                  f"p99={_pct(values, 99):.2f} mean={statistics.mean(values):.2f} ms "
+                  f"lost={lost[which]}", file=sys.stderr)  # fmt: skip
+        for p in (50, 99):
+            baseline = f"ss -K per ban (a process per event) p{p}"
+            results.append({"name": f"agent_reset_p{p}_ms", "value": _pct(times["agent"], p),
+                            "unit": "ms", "baseline": _pct(times["ss_k"], p),
+                            "baseline_name": baseline})  # fmt: skip
+    # Bootstrap: 1M addresses into the agent's sets, one transaction.
+    count = 100_000 if quick else 1_000_000
+    nft = Nft()
+    nft.run(ruleset("benchload"))
+    elements = ", ".join(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255} timeout 3600s"
+                         for i in range(count))  # fmt: skip
+    started = time.perf_counter()
+    nft.run(f"add element inet benchload ban4_host {{ {elements} }}\n")
+    load_s = time.perf_counter() - started
+    nft.run("delete table inet benchload\n")
+    print(f"  nft load: {count:,} elements in {load_s:.2f} s", file=sys.stderr)
+    name = "agent_nft_load_1m_s" if count == 1_000_000 else "agent_nft_load_100k_s"
+    results.append({"name": name, "value": load_s, "unit": "s"})
+    results.append({"name": "agent_elements_per_s", "value": count / load_s, "unit": "elements/s"})
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
