@@ -199,7 +199,98 @@ def main() -> None:
             out["agent_stderr"] = (agent.stderr.read() if agent.stderr else "")[-2000:]
         listing = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
         out["tables_after_exit"] = listing.stdout
+        phase_two(proc.url, r, out)
     print(json.dumps(out))
+
+
+def start_agent(url: str, namespace: str, *extra: str) -> subprocess.Popen[str]:
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "banbus", "--redis", url, "-n", namespace, "agent", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert agent.stdout is not None
+    return agent
+
+
+def stop_agent(agent: subprocess.Popen[str]) -> None:
+    agent.terminate()
+    try:
+        agent.wait(10)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+
+
+def phase_two(url: str, r: redis.Redis, out: dict[str, Any]) -> None:
+    """--ports, a resync after the stream was trimmed past the agent, a restart with
+    100k bans, and no capability."""
+    other_port = PORT + 1
+    threading.Thread(target=serve, args=(other_port,), daemon=True).start()
+    # --ports: only the listed local ports are filtered and cut.
+    ns = "ports"
+    key = "{" + ns + "}:log"
+    agent = start_agent(url, ns, "--ports", str(PORT))
+    try:
+        assert agent.stdout is not None
+        agent.stdout.readline()
+        on_port = connect("127.0.6.6")
+        other = socket.create_connection(("127.0.0.1", other_port),
+                                         source_address=("127.0.6.6", 0))  # fmt: skip
+        assert on_port is not None
+        started = time.perf_counter()
+        r.fcall("banbus_ban", 1, key, "127.0.6.6", 0, "ports")  # type: ignore[no-untyped-call]
+        out["ports_reset_ms"] = reset_after(on_port, started)
+        out["ports_other_alive"] = alive(other)
+        out["ports_other_new"] = wait_for(lambda: _connect_port("127.0.6.6", other_port))
+        out["ports_listed_new"] = connect("127.0.6.6") is not None
+        # A resync: the stream trimmed past a stopped agent.
+        r.hset("{" + ns + "}:config", "maxlen", 10)
+        agent.send_signal(19)  # SIGSTOP
+        for i in range(60):
+            r.fcall("banbus_ban", 1, key, f"127.0.7.{i + 1}", 0, "while stopped")  # type: ignore[no-untyped-call]
+        agent.send_signal(18)  # SIGCONT
+        out["resync_loaded"] = wait_for(
+            lambda: all(in_set("ban4_host", f"127.0.7.{i}") for i in (1, 30, 60)), timeout=15
+        )
+        out["resync_blocks"] = connect("127.0.7.1", timeout=0.3) is None
+    finally:
+        stop_agent(agent)
+    # A restart with 100k bans in the namespace.
+    ns = "big"
+    key = "{" + ns + "}:log"
+    for start in range(0, 100_000, 5000):
+        pipe = r.pipeline(transaction=False)
+        for i in range(start, start + 5000):
+            pipe.fcall("banbus_ban", 1, key, f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}", 0, "big")  # type: ignore[no-untyped-call]
+        pipe.execute()
+    started = time.perf_counter()
+    agent = start_agent(url, ns)
+    try:
+        assert agent.stdout is not None
+        out["big_started"] = agent.stdout.readline().strip()
+        out["big_start_s"] = time.perf_counter() - started
+        out["big_blocked"] = in_set("ban4_host", "10.1.134.159")  # the 100,000th
+    finally:
+        stop_agent(agent)
+    # Without CAP_NET_ADMIN: a clear error, exit 2.
+    without = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"]
+    refused = subprocess.run(
+        [*without, sys.executable, "-m", "banbus", "--redis", url, "-n", "nocap", "agent"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    out["nocap_rc"] = refused.returncode
+    out["nocap_stderr"] = refused.stderr
+
+
+def _connect_port(source: str, port: int) -> bool:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=0.3,
+                                     source_address=(source, 0))  # fmt: skip
+    except OSError:
+        return False
+    s.close()
+    return True
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def test_agent_end_to_end_in_a_network_namespace() -> None:
     """A server that imports nothing from banbus: a ban made with FCALL resets its
     established connection from the banned address within milliseconds and drops new
     ones; CIDR, IPv6, allowlist, unban, expiry in the kernel, nested networks, an
-    address inside a lifted network; the table is removed on exit."""
+    address inside a lifted network; the table is removed on exit; --ports; a resync
+    after the stream was trimmed past it; a restart with 100k bans; no capability."""
     reason = _namespace_reason()
     if reason is not None:
         pytest.skip(reason)
@@ -108,6 +109,16 @@ def test_agent_end_to_end_in_a_network_namespace() -> None:
     assert "ban4_host" in out["status"]
     assert "refused" not in out["agent_stderr"], out["agent_stderr"]
     assert "banbus" not in out["tables_after_exit"]  # removed on exit
+    # --ports: only the listed local port is filtered and cut.
+    assert out["ports_reset_ms"] is not None and out["ports_reset_ms"] < 1000
+    assert out["ports_other_alive"] and out["ports_other_new"] and not out["ports_listed_new"]
+    # The stream trimmed past a stopped agent: it reloads and replaces the sets.
+    assert out["resync_loaded"] and out["resync_blocks"]
+    # A restart with 100k bans: everything loaded before it says it runs.
+    assert "loaded (100,000 elements)" in out["big_started"] and out["big_blocked"]
+    # Without the capability: exit 2 and what to do.
+    assert out["nocap_rc"] == 2
+    assert "needs root or CAP_NET_ADMIN" in out["nocap_stderr"]
 
 
 def test_the_systemd_unit() -> None:
