@@ -248,6 +248,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="leave the table in place on exit")
     p.add_argument("--dry-run", action="store_true", help="print the ruleset and elements")
     p.add_argument("--node-id", default=None, help="default agent@HOSTNAME")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus metrics here (banbus[metrics])")  # fmt: skip
     sub.add_parser(
         "load-library",
         help="load the function library into Redis (after a restart without persistence)",
@@ -317,7 +319,8 @@ def _agent(args: argparse.Namespace) -> int:
 
     try:
         if args.action == "status":
-            print(agent.agent_status(args.table))
+            beat, now = asyncio.run(_agent_beat(args))
+            print(agent.agent_status(args.table, beat, now))
             return EXIT_OK
         args.ports, args.action = args.ports, args.verdict
         return asyncio.run(agent.run_agent(args))
@@ -326,6 +329,22 @@ def _agent(args: argparse.Namespace) -> int:
         if "Operation not permitted" in str(exc):
             hint = " (the agent needs root or CAP_NET_ADMIN)"
         return _fail(f"nftables: {exc}{hint}")
+
+
+async def _agent_beat(args: argparse.Namespace) -> tuple[Beat | None, int]:
+    """This host's agent heartbeat, if Redis answers (status works without it)."""
+    node_id = args.node_id or f"agent@{socket.gethostname()}"[:64]
+    topology = open_topology(args.redis, namespace_keys(args.namespace))
+    try:
+        await topology.start(0.0 if topology.kind == "server" else 5.0)
+        seconds, micros = await topology.client.time()
+        raw = await topology.client.get(node_key(args.namespace, node_id))
+        now = int(seconds) * 1000 + int(micros) // 1000
+        return (msgspec.json.decode(raw, type=Beat) if raw else None), now
+    except (BanbusError, redis_errors.RedisError, OSError, msgspec.DecodeError):
+        return None, 0
+    finally:
+        await topology.aclose()
 
 
 def _fail(message: str) -> int:

@@ -64,6 +64,8 @@ class Beat(msgspec.Struct, kw_only=True):
     topology: str
     reading_from: str
     connected: bool
+    #: What the process embedding the node adds (``banbus agent``: its counters).
+    extra: dict[str, int] = {}
 
 
 def node_key(namespace: str, node_id: str) -> str:

@@ -247,6 +247,8 @@ class Node:
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat: Heartbeat | None = None
         self._eventlog: EventLog | None = None
+        #: Counters a process embedding the node adds to its heartbeat.
+        self.heartbeat_extra: Callable[[], dict[str, int]] | None = None
         self._started_ms = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -570,6 +572,7 @@ class Node:
             refused=sup.refused if sup else 0, reconnects=stats.reconnects,
             resyncs=stats.resyncs, auto_bans=stats.auto_bans + stats.auto_bans_local,
             topology=stats.topology, reading_from=stats.reading_from, connected=stats.connected,
+            extra=self.heartbeat_extra() if self.heartbeat_extra is not None else {},
         )  # fmt: skip
 
     async def _leave(self) -> None:

@@ -153,6 +153,7 @@ class Agent:
              "connections_cut", "errors"), 0,
         )  # fmt: skip
         self.last_event_ms = 0
+        node.heartbeat_extra = self.counters
 
     @property
     def nft(self) -> Nft:
@@ -278,6 +279,11 @@ class Agent:
             self.stats["full_loads"] += 1
         self.stats["transactions"] += 1
 
+    def counters(self) -> dict[str, int]:
+        """The agent's counters (in its heartbeat: ``banbus agent status``)."""
+        return {**self.stats, "elements_loaded": len(self.loaded),
+                "last_event_ms": self.last_event_ms}  # fmt: skip
+
     def _banned(self, target: str) -> None:
         """A ban landed (the node's apply path): cut at once, reconcile soon."""
         self._cuts.append(target)
@@ -397,6 +403,13 @@ async def run_agent(args: Any) -> int:
             print(agent.dry_run(), end="")
             return 0
         agent.install()
+        if getattr(args, "metrics_port", 0):
+            from prometheus_client import start_http_server
+
+            from .metrics import register
+
+            register(node)
+            start_http_server(args.metrics_port)
         counts = agent.elements()
         print(f"banbus agent {node_id}: table inet {args.table} loaded "
               f"({sum(counts.values()):,} elements); following {args.namespace!r}",
@@ -414,8 +427,8 @@ async def run_agent(args: Any) -> int:
     return 0
 
 
-def agent_status(table: str) -> str:
-    """The table's element counts (this host's kernel)."""
+def agent_status(table: str, beat: Any | None = None, now_ms: int = 0) -> str:
+    """The table's element counts (this host's kernel), and the agent's heartbeat."""
     nft = Nft()
     try:
         elements = table_elements(nft, table)
@@ -423,4 +436,16 @@ def agent_status(table: str) -> str:
         nft.close()
     lines = [f"table inet {table}:"]
     lines += [f"  {name:<10} {count:,}" for name, count in elements.items()]
+    if beat is None:
+        lines.append("agent: no heartbeat in Redis (not running, or another --node-id)")
+        return "\n".join(lines)
+    extra = beat.extra
+    last = extra.get("last_event_ms", 0)
+    lines.append(
+        f"agent {beat.node_id}: seq {beat.seq}, lag {beat.lag_ms:.1f} ms, "
+        f"{'connected' if beat.connected else 'NOT connected'}, heard "
+        f"{(now_ms - beat.sent_ms) / 1000:.1f} s ago; last ban "
+        f"{f'{(now_ms - last) / 1000:.1f} s ago' if last else 'none yet'}"
+    )
+    lines.append("  " + ", ".join(f"{k} {v:,}" for k, v in extra.items() if k != "last_event_ms"))
     return "\n".join(lines)

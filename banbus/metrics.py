@@ -95,6 +95,19 @@ class BanbusCollector(Collector):
             families[f"sup_{name}"] = CounterMetricFamily(
                 f"banbus_connections_{name}", doc, labels=labels
             )
+        extras: dict[str, Any] = {}
+        for node in self._nodes:
+            # A process embedding the node (``banbus agent``) adds its counters.
+            if node.heartbeat_extra is not None:
+                for name, value in node.heartbeat_extra().items():
+                    family = extras.get(name)
+                    if family is None:
+                        family = extras[name] = GaugeMetricFamily(
+                            f"banbus_agent_{name}", f"banbus agent: {name.replace('_', ' ')}",
+                            labels=labels,
+                        )  # fmt: skip
+                    family.add_metric([node.node_id, node.namespace], float(value))
+        yield from extras.values()
         for node in self._nodes:
             stats = node.statistics()
             values = [stats.node_id, stats.namespace]

@@ -187,7 +187,8 @@ def main() -> None:
             out["net_unloaded"] = wait_for(lambda: not in_set("ban4_net", "127.0.5.0/24"))
             out["host_inside_lifted_net_blocked"] = connect("127.0.5.5", timeout=0.3) is None
             out["net_lifted_open"] = connect("127.0.5.6", timeout=0.3) is not None
-            status = subprocess.run([sys.executable, "-m", "banbus", "agent", "status"],
+            status = subprocess.run([sys.executable, "-m", "banbus", "--redis", proc.url,
+                                     "-n", NS, "agent", "status"],
                                     capture_output=True, text=True, cwd=ROOT)  # fmt: skip
             out["status"] = status.stdout
         finally:

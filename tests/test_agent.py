@@ -107,6 +107,7 @@ def test_agent_end_to_end_in_a_network_namespace() -> None:
     assert out["net_loaded"] and out["net_unloaded"]
     assert out["host_inside_lifted_net_blocked"] and out["net_lifted_open"]
     assert "ban4_host" in out["status"]
+    assert "agent agent@" in out["status"] and "connections_cut " in out["status"]
     assert "refused" not in out["agent_stderr"], out["agent_stderr"]
     assert "banbus" not in out["tables_after_exit"]  # removed on exit
     # --ports: only the listed local port is filtered and cut.

@@ -28,3 +28,17 @@ async def test_metrics_reflect_the_node(redis_url: str, namespace: str) -> None:
     assert f"banbus_connected{{{labels}}} 1.0" in text
     assert f'banbus_connections_cut_total{{namespace="{namespace}",node="mx1"}} 0.0' in text
     assert "# HELP banbus_resyncs_total" in text
+
+
+async def test_metrics_include_what_an_embedding_process_adds(
+    redis_url: str, namespace: str
+) -> None:
+    """``banbus agent`` adds its counters (heartbeat_extra): they are exported too."""
+    registry = CollectorRegistry()
+    async with banbus.Node(redis_url, namespace=namespace, node_id="agent@h") as node:
+        node.heartbeat_extra = lambda: {"connections_cut": 3, "elements_loaded": 7}
+        banbus.metrics.register(node, registry)
+        text = generate_latest(registry).decode()
+    labels = f'namespace="{namespace}",node="agent@h"'
+    assert f"banbus_agent_connections_cut{{{labels}}} 3.0" in text
+    assert f"banbus_agent_elements_loaded{{{labels}}} 7.0" in text
