@@ -354,7 +354,14 @@ class Agent:
 
     def _cut(self, target: str) -> int:
         started = time.perf_counter()
-        count = self.diag.cut(target, ports=self.ports, spare=self.node.is_allowed)
+        try:
+            count = self.diag.cut(target, ports=self.ports, spare=self.node.is_allowed)
+        except OSError as exc:
+            # New connections are still dropped by nftables; say why the
+            # established ones were not cut, and go on.
+            self.stats["errors"] += 1
+            log.error("banbus agent: cannot destroy connections from %s: %s", target, exc)
+            return 0
         if count:
             log.info("banbus agent: cut %d connection(s) from %s in %.2f ms", count, target,
                      (time.perf_counter() - started) * 1000)  # fmt: skip
