@@ -38,7 +38,7 @@ from typing import Any
 
 import anyio
 
-from ._demo import PROBES
+from ._demo import PROBES, _serve_http
 from .asgi import BanMiddleware
 
 __all__ = ["main"]
@@ -47,30 +47,12 @@ log = logging.getLogger("banbus.playground")
 
 
 async def _streams_node(node: Any, host: str, port: int, ready: Any) -> None:
+    async def probe(peer: str, path: str) -> None:
+        with contextlib.suppress(Exception):  # a report that fails never stops serving
+            await node.report(peer, "scan", detail=path)
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")[0]
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-                    return
-                parts = head.split(b" ", 2)
-                path = parts[1].decode("latin-1") if len(parts) > 1 else "/"
-                if path == "/":
-                    body, status = b"hello\n", b"200 OK"
-                else:
-                    body, status = b"not found\n", b"404 Not Found"
-                length = str(len(body)).encode()
-                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\n"
-                             b"Content-Length: " + length + b"\r\n\r\n" + body)  # fmt: skip
-                with contextlib.suppress(ConnectionError):
-                    await writer.drain()
-                if path != "/":
-                    with contextlib.suppress(Exception):
-                        await node.report(peer, "scan", detail=path)
-        finally:
-            writer.close()
+        await _serve_http(reader, writer, probe)  # the demo's server: 404 is a probe
 
     server = await asyncio.start_server(node.protect(handler), host, port)
     async with server:
