@@ -22,6 +22,7 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -72,6 +73,8 @@ class SockDiag:
             raise OSError(exc.errno, f"cannot open a sock_diag netlink socket: {exc}") from exc
         self._sock.bind((0, 0))
         self._seq = 0
+        self._listening: set[int] = set()
+        self._listening_at = -1e9
 
     def close(self) -> None:
         self._sock.close()
@@ -82,10 +85,12 @@ class SockDiag:
         self._sock.send(header + payload)
         return self._seq
 
-    def dump(self, states: int) -> list[TcpSocket]:
-        """TCP sockets in *states* (a bit mask of TCP states), both families."""
+    def dump(
+        self, states: int, families: tuple[int, ...] = (socket.AF_INET, socket.AF_INET6)
+    ) -> list[TcpSocket]:
+        """TCP sockets in *states* (a bit mask of TCP states) of *families*."""
         found: list[TcpSocket] = []
-        for family in (socket.AF_INET, socket.AF_INET6):
+        for family in families:
             req = _REQ.pack(family, socket.IPPROTO_TCP, 0, states) + b"\0" * _SOCKID.size
             seq = self._send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, req)
             done = False
@@ -134,13 +139,24 @@ class SockDiag:
                               + " (needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY)")  # fmt: skip
             raise OSError(-code, os.strerror(-code))
 
-    def inbound(self, ports: Iterable[int] = ()) -> list[TcpSocket]:
-        """Established connections a local listener accepted (on *ports*, if given)."""
+    def listening(self) -> set[int]:
+        """Local ports with a listener (looked up at most once a second)."""
+        now = time.monotonic()
+        if now - self._listening_at > 1.0:
+            self._listening = {s.local_port for s in self.dump(1 << TCP_LISTEN)}
+            self._listening_at = now
+        return self._listening
+
+    def inbound(self, ports: Iterable[int] = (), version: int = 0) -> list[TcpSocket]:
+        """Established connections a local listener accepted (on *ports*, if given;
+        with peers of IP *version*, if given — IPv4 peers of dual-stack listeners
+        come in IPv6 sockets)."""
         wanted = set(ports)
-        listening = {s.local_port for s in self.dump(1 << TCP_LISTEN)}
+        listening = self.listening()
+        families = (socket.AF_INET6,) if version == 6 else (socket.AF_INET, socket.AF_INET6)
         return [
             s
-            for s in self.dump(1 << TCP_ESTABLISHED)
+            for s in self.dump(1 << TCP_ESTABLISHED, families)
             if s.local_port in listening and (not wanted or s.local_port in wanted)
         ]
 
@@ -157,7 +173,7 @@ class SockDiag:
         """
         network = ipaddress.ip_network(target, strict=False)
         cut = 0
-        for sock in self.inbound(ports):
+        for sock in self.inbound(ports, network.version):
             peer = ipaddress.ip_address(sock.peer)
             if peer.version == network.version and peer in network and not spare(sock.peer):
                 cut += self.destroy(sock)

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,7 +38,11 @@ from banbus._keys import namespace_keys  # noqa: E402
 from banbus._library import LIBRARY_CODE  # noqa: E402
 from banbus._nft import Nft  # noqa: E402
 from banbus._servers import RedisProcess, free_port  # noqa: E402
+from banbus._sockdiag import SockDiag  # noqa: E402
 from banbus.agent import ruleset  # noqa: E402
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 PORT = 8099
 
@@ -57,12 +62,15 @@ def _serve() -> None:
         threading.Thread(target=hold, args=(conn,), daemon=True).start()
 
 
-def _sample(r: redis.Redis, key: str, source: str) -> float | None:
-    s = socket.create_connection(("127.0.0.1", PORT), source_address=(source, 0))
+def _sample(r: redis.Redis, key: str, source: str, port: int, *, raw: bool = False) -> float | None:
+    s = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
     s.settimeout(3)
     time.sleep(0.005)  # idle before the ban, like a scanner between probes
     started = time.perf_counter()
-    r.fcall("banbus_ban", 1, key, source, 600, "bench")  # type: ignore[no-untyped-call]
+    if raw:  # the floor: a bare XADD
+        r.xadd(key, {"op": "ban", "target": source})
+    else:
+        r.fcall("banbus_ban", 1, key, source, 600, "bench")  # type: ignore[no-untyped-call]
     try:
         data = s.recv(10)
         ok = data == b""
@@ -75,17 +83,25 @@ def _sample(r: redis.Redis, key: str, source: str) -> float | None:
     return (time.perf_counter() - started) * 1000 if ok else None
 
 
-def _ss_k_follower(url: str, key: str, stop: threading.Event) -> None:
-    """The baseline: read the stream, run `ss -K` per ban."""
+def _follower(url: str, key: str, stop: threading.Event, destroy: Callable[[str], Any]) -> None:
+    """A bare stream reader that acts on each ban: runs `ss -K` (the baseline) or
+    destroys the sockets in process (the floor)."""
     r = redis.Redis.from_url(url, decode_responses=True)
-    last = "$"
+    last = "0"
     while not stop.is_set():
-        reply = r.xread({key: last}, block=200)
+        try:
+            reply = r.xread({key: last}, block=200)
+        except redis.ConnectionError:
+            return  # the server is going away at the end of the run
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
                 last = entry_id
                 if fields.get("op") == "ban":
-                    subprocess.run(["ss", "-K", "dst", fields["target"]], capture_output=True)
+                    destroy(fields["target"])
+
+
+def _ss_k(target: str) -> None:
+    subprocess.run(["ss", "-K", "dst", target], capture_output=True)
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -102,48 +118,79 @@ def main() -> None:
     with RedisProcess(port=free_port()) as proc:
         r = redis.Redis.from_url(proc.url, decode_responses=True)
         r.function_load(LIBRARY_CODE, replace=True)
-        ns_agent, ns_ss = "benchagent", "benchssk"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        keys = {
+            "agent": namespace_keys("benchagent").log,
+            "ss_k": namespace_keys("benchssk").log,
+            "floor": "benchfloor:log",
+            "supervisor": namespace_keys("benchsup").log,
+        }
         agent = subprocess.Popen(
-            [sys.executable, "-m", "banbus", "--redis", proc.url, "-n", ns_agent, "agent"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            [sys.executable, "-m", "banbus", "--redis", proc.url, "-n", "benchagent", "agent"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env,
+        )  # fmt: skip
+        sup_port = PORT + 1
+        supervised = subprocess.Popen(
+            [sys.executable, "-m", "banbus.playground", "node", "--name", "sup", "--host",
+             "127.0.0.1", "--port", str(sup_port), "--redis", proc.url, "--namespace",
+             "benchsup", "--ban-loopback"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env,
         )  # fmt: skip
         stop = threading.Event()
-        follower = threading.Thread(
-            target=_ss_k_follower, args=(proc.url, namespace_keys(ns_ss).log, stop), daemon=True
-        )
+        diag = SockDiag()
+        followers = [
+            threading.Thread(target=_follower, args=(proc.url, keys["ss_k"], stop, _ss_k),
+                             daemon=True),
+            threading.Thread(target=_follower, args=(proc.url, keys["floor"], stop, diag.cut),
+                             daemon=True),
+        ]  # fmt: skip
+        systems = ("agent", "supervisor", "floor", "ss_k")
+        times: dict[str, list[float]] = {w: [] for w in systems}
+        lost = dict.fromkeys(systems, 0)
         try:
-            assert agent.stdout is not None
+            assert agent.stdout is not None and supervised.stdout is not None
             agent.stdout.readline()
-            follower.start()
-            time.sleep(0.3)  # the baseline's first XREAD is in place (it reads from "$")
-            times: dict[str, list[float]] = {"agent": [], "ss_k": []}
-            lost = {"agent": 0, "ss_k": 0}
-            order = ["agent", "ss_k"] * n
+            supervised.stdout.readline()
+            for follower in followers:
+                follower.start()
+            order = list(systems) * n
             random.Random(7).shuffle(order)
             for i, which in enumerate(order):
                 k = i + 1  # every sample its own address
                 source = f"127.{10 + k // 65536}.{k // 256 % 256}.{k % 256}"
-                key = namespace_keys(ns_agent if which == "agent" else ns_ss).log
-                ms = _sample(r, key, source)
+                port = sup_port if which == "supervisor" else PORT
+                ms = _sample(r, keys[which], source, port, raw=which == "floor")
                 if ms is None:
                     lost[which] += 1
                 else:
                     times[which].append(ms)
         finally:
             stop.set()
-            agent.terminate()
-            agent.wait(10)
-        for which, name in (("agent", "agent_reset"), ("ss_k", "agent_ss_k")):
+            for process in (agent, supervised):
+                process.terminate()
+                process.wait(10)
+            diag.close()
+        names = {"agent": "agent_reset", "supervisor": "agent_supervisor", "floor": "agent_floor",
+                 "ss_k": "agent_ss_k"}  # fmt: skip
+        for which in systems:
             values = times[which]
-            print(f"  {name}: n={len(values)} p50={_pct(values, 50):.2f} "
+            print(f"  {names[which]}: n={len(values)} p50={_pct(values, 50):.2f} "
                   f"p99={_pct(values, 99):.2f} mean={statistics.mean(values):.2f} ms "
                   f"lost={lost[which]}", file=sys.stderr)  # fmt: skip
+        baselines = {
+            "ss_k": "ss -K per ban (a process per event)",
+            "floor": "XADD → bare reader destroying in process (floor)",
+            "supervisor": "in-process supervisor of a banbus node",
+        }
         for p in (50, 99):
-            baseline = f"ss -K per ban (a process per event) p{p}"
             results.append({"name": f"agent_reset_p{p}_ms", "value": _pct(times["agent"], p),
                             "unit": "ms", "baseline": _pct(times["ss_k"], p),
-                            "baseline_name": baseline})  # fmt: skip
+                            "baseline_name": f"{baselines['ss_k']} p{p}"})  # fmt: skip
+            for which in ("floor", "supervisor"):
+                results.append({"name": f"{names[which]}_p{p}_ms",
+                                "value": _pct(times[which], p), "unit": "ms",
+                                "baseline": _pct(times["agent"], p),
+                                "baseline_name": f"agent p{p}, vs {which}"})  # fmt: skip
     # Bootstrap: 1M addresses into the agent's sets, one transaction.
     count = 100_000 if quick else 1_000_000
     nft = Nft()
