@@ -200,6 +200,22 @@ def main() -> None:
     started = time.perf_counter()
     nft.run(f"add element inet benchload ban4_host {{ {elements} }}\n")
     load_s = time.perf_counter() - started
+    # One ban's element: in process (libnftables) vs the nft command per change.
+    singles = 200
+    started = time.perf_counter()
+    for i in range(singles):
+        nft.run(f"add element inet benchload ban4_host {{ 10.250.{i >> 8}.{i & 255} }}\n")
+    in_process_us = (time.perf_counter() - started) / singles * 1e6
+    started = time.perf_counter()
+    for i in range(singles):
+        subprocess.run(["nft", "add", "element", "inet", "benchload", "ban4_host",
+                        f"{{ 10.251.{i >> 8}.{i & 255} }}"], check=True)  # fmt: skip
+    command_us = (time.perf_counter() - started) / singles * 1e6
+    print(f"  one element: libnftables {in_process_us:.0f} µs, nft command "
+          f"{command_us:.0f} µs", file=sys.stderr)  # fmt: skip
+    results.append({"name": "agent_nft_add_us", "value": in_process_us, "unit": "µs",
+                    "baseline": command_us,
+                    "baseline_name": "the nft command per change (a process)"})  # fmt: skip
     nft.run("delete table inet benchload\n")
     print(f"  nft load: {count:,} elements in {load_s:.2f} s", file=sys.stderr)
     name = "agent_nft_load_1m_s" if count == 1_000_000 else "agent_nft_load_100k_s"
