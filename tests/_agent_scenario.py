@@ -273,6 +273,15 @@ def phase_two(url: str, r: redis.Redis, out: dict[str, Any]) -> None:
         out["big_blocked"] = in_set("ban4_host", "10.1.134.159")  # the 100,000th
     finally:
         stop_agent(agent)
+    # --keep: the table stays after the agent (enforcing what it held).
+    agent = start_agent(url, "big", "--keep", "--table", "kept", "--hook-priority", "-20")
+    assert agent.stdout is not None
+    agent.stdout.readline()
+    stop_agent(agent)
+    kept = subprocess.run(["nft", "list", "chain", "inet", "kept", "input"],
+                          capture_output=True, text=True)  # fmt: skip
+    out["kept_after_exit"] = kept.stdout
+    subprocess.run(["nft", "delete", "table", "inet", "kept"], check=False)
     # Without CAP_NET_ADMIN: a clear error, exit 2.
     without = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"]
     refused = subprocess.run(

@@ -117,6 +117,10 @@ def test_agent_end_to_end_in_a_network_namespace() -> None:
     assert out["resync_loaded"] and out["resync_blocks"]
     # A restart with 100k bans: everything loaded before it says it runs.
     assert "loaded (100,000 elements)" in out["big_started"] and out["big_blocked"]
+    # --keep (and --table, --hook-priority): the table outlives the agent.
+    assert "hook input priority filter - 20" in out["kept_after_exit"] or (
+        "priority -20" in out["kept_after_exit"]
+    ), out["kept_after_exit"]
     # Without the capability: exit 2 and what to do.
     assert out["nocap_rc"] == 2
     assert "needs root or CAP_NET_ADMIN" in out["nocap_stderr"]
