@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._exceptions import BanbusError, InvalidInput, RedisUnavailable
+from ._exceptions import BanbusError, InvalidInput, NodeClosed, RedisUnavailable
 from ._model import BanRecord
 from ._policy import (
     LocalWindows,
@@ -159,27 +159,35 @@ class Reporter:
         self.stats["sent"] += len(batch)
         self.stats["round_trips"] += 1
         try:
-            replies = await self._publisher.execute(commands)
-        except RedisUnavailable as exc:
-            log.info("banbus: Redis unreachable (%s); counting %d report(s) here", exc,
-                     len(batch))  # fmt: skip
+            try:
+                replies = await self._publisher.execute(commands)
+            except RedisUnavailable as exc:
+                log.info("banbus: Redis unreachable (%s); counting %d report(s) here", exc,
+                         len(batch))  # fmt: skip
+                for p in batch:
+                    await self._settle(p, self._count_locally, p)
+                return
+            for p, raw in zip(batch, replies, strict=True):
+                await self._settle(p, self._answered, p, raw)
+        except Exception as exc:
             for p in batch:
-                await self._settle(p, self._count_locally, p)
-            return
-        except BaseException as exc:
-            for p in batch:
-                p.error = exc
-                p.done.set()
+                p.error = p.error or exc
             raise
-        for p, raw in zip(batch, replies, strict=True):
-            await self._settle(p, self._answered, p, raw)
+        finally:
+            # Cancelled (the node is closing) or failed: no caller waits forever.
+            for p in batch:
+                if not p.done.is_set():
+                    p.error = p.error or NodeClosed(
+                        "the node closed before the report was answered"
+                    )
+                    p.done.set()
 
     async def _settle(self, p: _Pending, how: Callable[..., Awaitable[Report]], *args: Any) -> None:
         try:
             p.result = await how(*args)
         except Exception as exc:
             p.error = exc
-        finally:
+        if p.result is not None or p.error is not None:
             p.done.set()
 
     async def _answered(self, p: _Pending, raw: Any) -> Report:

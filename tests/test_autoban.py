@@ -574,3 +574,32 @@ async def test_watch_shows_would_ban_and_a_bad_stored_policy_is_a_clear_error(
     assert "[invalid: BANBUS_CONFIG policy scan threshold 0 is outside 1..1000]" in (
         capsys.readouterr().out
     )
+
+
+async def test_a_report_waiting_when_the_node_closes_gets_an_error(
+    redis_url: str, namespace: str
+) -> None:
+    """No caller waits forever: a report still on its way when the node closes
+    raises NodeClosed."""
+    from banbus import NodeClosed
+
+    sent = anyio.Event()
+    outcome: list[BaseException] = []
+
+    async def stuck(commands: Any) -> Any:
+        sent.set()
+        await anyio.sleep_forever()
+
+    async def report(node: Node) -> None:
+        try:
+            await node.report("203.0.113.90", "scan")
+        except NodeClosed as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:  # the caller outlives the node
+        async with Node(redis_url, namespace=namespace, node_id="c", **OPTIONS) as node:
+            publisher: Any = node._publisher
+            publisher.execute = stuck
+            tg.start_soon(report, node)
+            await sent.wait()
+    assert len(outcome) == 1
