@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
@@ -87,7 +88,8 @@ def parse_lines(
 
 
 def _line(number: int, text: str, fmt: Format, force: bool) -> Line | None:
-    if fmt == "csv" or (fmt == "auto" and "," in text):
+    # A comma before any comment makes a CSV line ("1.2.3.4 # seen, twice" is plain).
+    if fmt == "csv" or (fmt == "auto" and "," in re.split(r"[#;]", text, maxsplit=1)[0]):
         fields = next(csv.reader(io.StringIO(text)))
         fields += [""] * (3 - len(fields))
         target_text, ttl_text, reason_text = (f.strip() for f in fields[:3])

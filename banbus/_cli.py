@@ -739,7 +739,7 @@ async def _cmd_policy(client: aioredis.Redis, args: argparse.Namespace) -> int:
         items.append({"kind": kind, "policy": text, "source": source,
                       "shadow_crossings": crossings})  # fmt: skip
     if args.json:
-        print(json.dumps(items, ensure_ascii=False))
+        print(json.dumps(items))  # exact, and only ASCII on the terminal
         return EXIT_OK
     for item in items:
         extra = (

@@ -1421,7 +1421,11 @@ local function report(keys, args)
   local reply = store(ns, OPS.banbus_ban, cfg, target, ttl, reason,
     {replace = false, origin = origin, status = true}, now, time, 'written')
   if reply.err then return reply end
-  redis.call('SET', skey, fmt(strikes), 'PX', fmt((ttl + p.forget) * 1000))
+  if ttl + p.forget > 0 then
+    redis.call('SET', skey, fmt(strikes), 'PX', fmt((ttl + p.forget) * 1000))
+  else
+    redis.call('DEL', skey)  -- permanent and nothing to remember: no strikes kept
+  end
   return {'banned', count, p.threshold, target, reply[1], reply[2], reply[4], strikes, p.window,
     ttl, reason}
 end

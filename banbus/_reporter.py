@@ -170,9 +170,11 @@ class Reporter:
             for p, raw in zip(batch, replies, strict=True):
                 await self._settle(p, self._answered, p, raw)
         except Exception as exc:
+            # The callers get the error; the node goes on (this task runs in
+            # its task group: raising would stop the reader too).
+            log.error("banbus: reports failed: %s", exc)
             for p in batch:
                 p.error = p.error or exc
-            raise
         finally:
             # Cancelled (the node is closing) or failed: no caller waits forever.
             for p in batch:

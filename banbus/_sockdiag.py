@@ -160,6 +160,26 @@ class SockDiag:
             if s.local_port in listening and (not wanted or s.local_port in wanted)
         ]
 
+    def cut_any(
+        self,
+        targets: Iterable[str],
+        *,
+        ports: Iterable[int] = (),
+        spare: Callable[[str], bool] = lambda peer: False,
+    ) -> int:
+        """Destroy inbound connections whose peer is in any of *targets*, from one
+        dump of the sockets; the number destroyed."""
+        networks = [ipaddress.ip_network(t, strict=False) for t in targets]
+        versions = {n.version for n in networks}
+        cut = 0
+        for sock in self.inbound(ports, versions.pop() if len(versions) == 1 else 0):
+            peer = ipaddress.ip_address(sock.peer)
+            if any(peer.version == n.version and peer in n for n in networks) and not spare(
+                sock.peer
+            ):
+                cut += self.destroy(sock)
+        return cut
+
     def cut(
         self,
         target: str,

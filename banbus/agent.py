@@ -177,13 +177,21 @@ class Agent:
 
     def install(self) -> None:
         """Create (or replace) the table, then load the whole view (one transaction)."""
+        desired = self._desired()
         commands = f"add table inet {self.table}\ndelete table inet {self.table}\n"
         commands += ruleset(self.table, priority=self.priority, ports=self.ports,
                             action=self.action)  # fmt: skip
-        commands += self._full_load_commands(self._desired())
+        commands += self._full_load_commands(desired)
         self.nft.run(commands)
-        self.stats["transactions"] += 1
-        self.stats["full_loads"] += 1
+        self._loaded_all(desired)
+
+    def present(self) -> bool:
+        """Is the table still there (a `nft flush ruleset`, a firewall reload…)?"""
+        try:
+            self.nft.run(f"list table inet {self.table}\n")
+        except NftError:
+            return False
+        return True
 
     def remove(self) -> None:
         if not self.keep:
@@ -237,9 +245,14 @@ class Agent:
             for start in range(0, len(items), 10_000):
                 chunk = ", ".join(items[start : start + 10_000])
                 lines.append(f"add element inet {self.table} {name} {{ {chunk} }}")
+        return "\n".join(lines) + "\n"
+
+    def _loaded_all(self, desired: dict[Element, tuple[int, bool]]) -> None:
+        """After a full load went through: *desired* is what the kernel holds."""
         self.loaded = dict(desired)
         self.stats["elements_added"] += len(desired)
-        return "\n".join(lines) + "\n"
+        self.stats["full_loads"] += 1
+        self.stats["transactions"] += 1
 
     # -- keeping it in step -------------------------------------------------------------------
 
@@ -251,12 +264,15 @@ class Agent:
         adds: dict[str, list[str]] = {}
         deletes: dict[str, list[str]] = {}
         for element, (expires, timed) in self.loaded.items():
-            if desired.get(element) == (expires, timed):
+            want = desired.get(element)
+            if want == (expires, timed):
                 continue
-            # The kernel removes what it expires: delete only what it still holds
-            # (an element about to run out is left to it).
-            if not (timed and expires and expires <= now + 1000):
-                deletes.setdefault(element.set, []).append(element.target)
+            # The kernel removes what it expires: an element no longer wanted and
+            # about to run out is left to it (deleting one it removed already would
+            # fail the transaction); one wanted with another expiry is replaced.
+            if want is None and timed and expires and expires <= now + 1000:
+                continue
+            deletes.setdefault(element.set, []).append(element.target)
         for element, value in desired.items():
             if self.loaded.get(element) != value:
                 adds.setdefault(element.set, []).append(self._element(element, *value, now))
@@ -272,12 +288,11 @@ class Agent:
             self.stats["elements_added"] += sum(map(len, adds.values()))
             self.stats["elements_deleted"] += sum(map(len, deletes.values()))
             self.loaded = dict(desired)
+            self.stats["transactions"] += 1
         except NftError as exc:
             self.stats["errors"] += 1
-            log.warning("banbus agent: incremental update refused (%s); reloading the sets", exc)
-            self.nft.run(self._full_load_commands(desired))
-            self.stats["full_loads"] += 1
-        self.stats["transactions"] += 1
+            log.warning("banbus agent: incremental update refused (%s); reloading the table", exc)
+            self.install()  # the whole table again, in one transaction
 
     def counters(self) -> dict[str, int]:
         """The agent's counters (in its heartbeat: ``banbus agent status``)."""
@@ -294,29 +309,42 @@ class Agent:
         """Follow the node: reconcile on every change and every second; cut on bans."""
         unsubscribe = self.node.subscribe(self._banned)
         last_seq = last_resyncs = -1
+        next_check = time.monotonic() + 5.0
         try:
             while True:
                 with anyio.move_on_after(0.1):
                     await self._dirty.wait()
                 self._dirty = anyio.Event()
                 cuts, self._cuts = list(dict.fromkeys(self._cuts)), []
-                # New connections are dropped before established ones are cut
-                # (no window for a reconnect): a new address goes in at once,
-                # anything else through the full reconcile first.
-                hosts = [t for t in cuts if "/" not in t]
-                if hosts and len(hosts) == len(cuts) and not self._add_hosts(hosts):
-                    hosts = []
-                stats = self.node.statistics()
-                due = self._next_deadline and self.node.server_time() >= self._next_deadline
-                changed = stats.last_seq != last_seq or stats.resyncs != last_resyncs
-                if not hosts and (cuts or changed or due):
-                    last_seq, last_resyncs = stats.last_seq, stats.resyncs
-                    self.reconcile()
-                for target in cuts:
-                    self.stats["connections_cut"] += self._cut(target)
-                if hosts and (changed or due):
-                    last_seq, last_resyncs = stats.last_seq, stats.resyncs
-                    self.reconcile()
+                try:
+                    if time.monotonic() >= next_check:
+                        next_check = time.monotonic() + 5.0
+                        if not self.present():
+                            log.warning("banbus agent: table inet %s vanished (a ruleset "
+                                        "flush?); loading it again", self.table)  # fmt: skip
+                            self.install()
+                    # New connections are dropped before established ones are cut
+                    # (no window for a reconnect): new addresses go in at once;
+                    # anything else goes through the full reconcile first.
+                    fast = bool(cuts) and all("/" not in t for t in cuts) and self._add_hosts(cuts)
+                    stats = self.node.statistics()
+                    due = self._next_deadline and self.node.server_time() >= self._next_deadline
+                    changed = stats.last_seq != last_seq or stats.resyncs != last_resyncs
+                    if not fast and (cuts or changed or due):
+                        last_seq, last_resyncs = stats.last_seq, stats.resyncs
+                        self.reconcile()
+                    if cuts:
+                        self.stats["connections_cut"] += self._cut_all(cuts)
+                    if fast and (changed or due):
+                        last_seq, last_resyncs = stats.last_seq, stats.resyncs
+                        self.reconcile()
+                except NftError as exc:
+                    # Never stop enforcing what is loaded: say so and try again.
+                    self.stats["errors"] += 1
+                    self.loaded = {}  # unknown now: the next pass reloads
+                    log.error("banbus agent: nftables refused an update: %s", exc)
+                    self._dirty.set()
+                    await anyio.sleep(1.0)
         finally:
             unsubscribe()
 
@@ -352,18 +380,21 @@ class Agent:
             self.stats["elements_added"] += sum(map(len, adds.values()))
         return True
 
-    def _cut(self, target: str) -> int:
+    def _cut_all(self, targets: list[str]) -> int:
+        """Destroy inbound connections from any of *targets* (one socket dump)."""
         started = time.perf_counter()
+        node = self.node
         try:
-            count = self.diag.cut(target, ports=self.ports, spare=self.node.is_allowed)
+            # A notification also comes when an allowlist entry goes: only peers
+            # that are banned now are cut (the allowlist is part of that answer).
+            count = self.diag.cut_any(targets, ports=self.ports,
+                                      spare=lambda peer: not node.is_banned(peer))  # fmt: skip
         except OSError as exc:
-            # New connections are still dropped by nftables; say why the
-            # established ones were not cut, and go on.
             self.stats["errors"] += 1
-            log.error("banbus agent: cannot destroy connections from %s: %s", target, exc)
+            log.error("banbus agent: cannot destroy connections: %s", exc)
             return 0
         if count:
-            log.info("banbus agent: cut %d connection(s) from %s in %.2f ms", count, target,
+            log.info("banbus agent: cut %d connection(s) in %.2f ms", count,
                      (time.perf_counter() - started) * 1000)  # fmt: skip
         return count
 
@@ -410,18 +441,18 @@ async def run_agent(args: Any) -> int:
             print(agent.dry_run(), end="")
             return 0
         agent.install()
-        if getattr(args, "metrics_port", 0):
-            from prometheus_client import start_http_server
-
-            from .metrics import register
-
-            register(node)
-            start_http_server(args.metrics_port)
-        counts = agent.elements()
-        print(f"banbus agent {node_id}: table inet {args.table} loaded "
-              f"({sum(counts.values()):,} elements); following {args.namespace!r}",
-              flush=True)  # fmt: skip
         try:
+            if getattr(args, "metrics_port", 0):
+                from prometheus_client import start_http_server
+
+                from .metrics import register
+
+                register(node)
+                start_http_server(args.metrics_port)
+            counts = agent.elements()
+            print(f"banbus agent {node_id}: table inet {args.table} loaded "
+                  f"({sum(counts.values()):,} elements); following {args.namespace!r}",
+                  flush=True)  # fmt: skip
             async with anyio.create_task_group() as tg:
                 tg.start_soon(agent.run)
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -449,10 +480,16 @@ def agent_status(table: str, beat: Any | None = None, now_ms: int = 0) -> str:
     extra = beat.extra
     last = extra.get("last_event_ms", 0)
     lines.append(
-        f"agent {beat.node_id}: seq {beat.seq}, lag {beat.lag_ms:.1f} ms, "
+        f"agent {_shown(beat.node_id)}: seq {beat.seq}, lag {beat.lag_ms:.1f} ms, "
         f"{'connected' if beat.connected else 'NOT connected'}, heard "
         f"{(now_ms - beat.sent_ms) / 1000:.1f} s ago; last ban "
         f"{f'{(now_ms - last) / 1000:.1f} s ago' if last else 'none yet'}"
     )
-    lines.append("  " + ", ".join(f"{k} {v:,}" for k, v in extra.items() if k != "last_event_ms"))
+    lines.append("  " + ", ".join(f"{_shown(k)} {v:,}" for k, v in extra.items()
+                                  if k != "last_event_ms"))  # fmt: skip
     return "\n".join(lines)
+
+
+def _shown(text: str) -> str:
+    """Text from Redis, safe for a terminal."""
+    return text.encode("unicode_escape").decode() if not text.isprintable() else text

@@ -187,6 +187,17 @@ def main() -> None:
             out["net_unloaded"] = wait_for(lambda: not in_set("ban4_net", "127.0.5.0/24"))
             out["host_inside_lifted_net_blocked"] = connect("127.0.5.5", timeout=0.3) is None
             out["net_lifted_open"] = connect("127.0.5.6", timeout=0.3) is not None
+            # 8. Removing an allowlist entry cuts nobody who is not banned.
+            r.fcall("banbus_allow", 1, key, "127.0.8.0/24", 0, "office")  # type: ignore[no-untyped-call]
+            out["office_allowed"] = wait_for(lambda: in_set("allow4", "127.0.8.0/24"))
+            office = connect("127.0.8.8")
+            assert office is not None
+            r.fcall("banbus_disallow", 1, key, "127.0.8.0/24")  # type: ignore[no-untyped-call]
+            out["office_disallowed"] = wait_for(lambda: not in_set("allow4", "127.0.8.0/24"))
+            out["office_alive"] = alive(office)
+            # 9. The table flushed behind the agent's back: loaded again.
+            subprocess.run(["nft", "delete", "table", "inet", "banbus"], check=True)
+            out["table_back"] = wait_for(lambda: in_set("ban4_host", "127.0.9.9"), timeout=15)
             status = subprocess.run([sys.executable, "-m", "banbus", "--redis", proc.url,
                                      "-n", NS, "agent", "status"],
                                     capture_output=True, text=True, cwd=ROOT)  # fmt: skip

@@ -106,6 +106,8 @@ def test_agent_end_to_end_in_a_network_namespace() -> None:
     assert out["outer_blocked"] and out["outer_expired"] and out["inner_still_blocked"]
     assert out["net_loaded"] and out["net_unloaded"]
     assert out["host_inside_lifted_net_blocked"] and out["net_lifted_open"]
+    assert out["office_allowed"] and out["office_disallowed"] and out["office_alive"]
+    assert out["table_back"]  # a ruleset flush behind its back: loaded again
     assert "ban4_host" in out["status"]
     assert "agent agent@" in out["status"] and "connections_cut " in out["status"]
     assert "refused" not in out["agent_stderr"], out["agent_stderr"]

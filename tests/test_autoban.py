@@ -603,3 +603,14 @@ async def test_a_report_waiting_when_the_node_closes_gets_an_error(
             tg.start_soon(report, node)
             await sent.wait()
     assert len(outcome) == 1
+
+
+async def test_a_permanent_policy_that_forgets_at_once(
+    redis_url: str, namespace: str, admin: aioredis.Redis
+) -> None:
+    """ttl 0 and forget 0: the crossing bans permanently and keeps no strikes (it
+    must not fail after the ban was written)."""
+    await _policy(admin, namespace, "perm", threshold=1, window=60, ttl=0, forget=0)
+    reply = await admin.fcall("banbus_report", 1, keys(namespace).log, "198.51.100.66", "perm")
+    assert reply[0] == "banned" and reply[6] == 0
+    assert not await admin.exists(f"{{{namespace}}}:strikes:perm:198.51.100.66")

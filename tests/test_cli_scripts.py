@@ -402,3 +402,15 @@ def test_import_shows_progress_on_a_terminal(
             os.close(follower)
     assert result.returncode == 0 and "banned 5,000 of 5,000 targets" in result.stdout
     assert b"5,000/5,000" in shown and b"[####" in shown
+
+
+def test_a_comment_with_a_comma_is_not_csv() -> None:
+    from banbus._blocklist import parse_lines
+
+    parsed = parse_lines(["1.2.3.4 # scanner, seen twice", "5.6.7.0/24 ; SBL1, SBL2",
+                          "9.9.9.9,1h,ssh # not a comment"])  # fmt: skip
+    assert [(line.target, line.reason) for line in parsed.lines] == [
+        ("1.2.3.4", "scanner, seen twice"), ("5.6.7.0/24", "SBL1, SBL2"),
+        ("9.9.9.9", "ssh # not a comment"),
+    ]  # fmt: skip
+    assert parsed.errors == []
