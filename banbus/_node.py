@@ -41,6 +41,7 @@ The reconciliation rules, as built:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -680,8 +681,16 @@ class Node:
         if self._follower.seq >= seq:
             return
         event = anyio.Event()
-        self._seq_waiters.append((seq, event))
-        await event.wait()
+        waiter = (seq, event)
+        self._seq_waiters.append(waiter)
+        try:
+            await event.wait()
+        finally:
+            # Cancelled (a timeout around it): do not keep the waiter — after a
+            # data loss that seq may never come.
+            if not event.is_set():
+                with contextlib.suppress(ValueError):
+                    self._seq_waiters.remove(waiter)
         self._check_running()
 
     def _wake_waiters(self) -> None:

@@ -167,7 +167,15 @@ class Reporter:
                 for p in batch:
                     await self._settle(p, self._count_locally, p)
                 return
-            for p, raw in zip(batch, replies, strict=True):
+            # Bans last: the others are answered at once, then the batch waits
+            # once, for its highest ban, to be enforced here.
+            pairs = sorted(zip(batch, replies, strict=True), key=lambda pr: _is_ban(pr[1]))
+            seqs = [int(raw[4]) for _, raw in pairs if _is_ban(raw)]
+            for p, raw in pairs:
+                if _is_ban(raw) and seqs:
+                    with anyio.move_on_after(2.0):  # return once the bans are enforced here
+                        await self._wait_for_seq(max(seqs))
+                    seqs = []
                 await self._settle(p, self._answered, p, raw)
         except Exception as exc:
             # The callers get the error; the node goes on (this task runs in
@@ -207,9 +215,6 @@ class Reporter:
             self.stats["auto_bans"] += 1
             banned = BanRecord(str(target), int(expires), str(reason), self._node_id, int(seq),
                                "ban")  # fmt: skip
-            # Return once the ban is enforced here (connections cut).
-            with anyio.move_on_after(2.0):
-                await self._wait_for_seq(int(seq))
         elif status == "shadow":
             self.stats["shadow"] += 1
         return Report(banned=banned, count=int(count), threshold=int(threshold),
@@ -242,6 +247,13 @@ class Reporter:
         self.stats["local_bans"] += 1
         return Report(banned=record, count=count, threshold=policy.threshold, shadow=False,
                       status="banned", target=target, kind=p.kind)  # fmt: skip
+
+
+def _is_ban(raw: Any) -> bool:
+    if isinstance(raw, BaseException) or not raw:
+        return False
+    status = raw[0]
+    return (status.decode() if isinstance(status, bytes) else str(status)) == "banned"
 
 
 def widen(address: str, policy: Policy) -> str:
