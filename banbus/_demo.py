@@ -157,6 +157,21 @@ def _source_is_usable() -> bool:
     return True
 
 
+async def _request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, host: str
+) -> bytes:
+    """One keep-alive GET; the response head (the body is read and dropped)."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    await reader.readexactly(length)
+    return head
+
+
 async def _scan(target: _Target, clock: _Clock, stop: anyio.Event) -> None:
     """One keep-alive connection, probing every PACE; stops at EOF/RST or *stop*."""
     try:
@@ -172,14 +187,7 @@ async def _scan(target: _Target, clock: _Clock, stop: anyio.Event) -> None:
             i += 1
             sent = time.perf_counter()
             try:
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: demo\r\n\r\n".encode())
-                await writer.drain()
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                await reader.readexactly(length)
+                head = await _request(reader, writer, path, "demo")
             except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
                 target.client_cut = time.perf_counter()
                 target.how = "reset" if isinstance(exc, ConnectionResetError) else "closed"

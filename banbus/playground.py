@@ -38,7 +38,7 @@ from typing import Any
 
 import anyio
 
-from ._demo import PROBES, _serve_http
+from ._demo import PROBES, _request, _serve_http
 from .asgi import BanMiddleware
 
 __all__ = ["main"]
@@ -120,14 +120,7 @@ async def _probe(target: str, source: str | None, duration: float) -> tuple[int,
                 return answered, "still open"
             path = PROBES[i % len(PROBES)]
             try:
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-                await writer.drain()
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                await reader.readexactly(length)
+                await _request(reader, writer, path, host)
             except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
                 how = "reset" if isinstance(exc, ConnectionResetError) else "closed"
                 return answered, f"cut ({how})"
