@@ -40,7 +40,7 @@ from ._model import (
     entry_decoder,
     parse_ttl,
 )
-from ._policy import BUILTIN_POLICIES, check_kind, check_weight, sanitise_detail
+from ._policy import BUILTIN_POLICIES, check_kind, check_weight, escape_text, sanitise_detail
 from ._targets import format_target, parse_target
 from ._topology import open_topology, redirected
 from ._version import __version__
@@ -322,7 +322,7 @@ def _agent(args: argparse.Namespace) -> int:
             beat, now = asyncio.run(_agent_beat(args))
             print(agent.agent_status(args.table, beat, now))
             return EXIT_OK
-        args.ports, args.action = args.ports, args.verdict
+        args.action = args.verdict
         return asyncio.run(agent.run_agent(args))
     except (NftUnavailable, NftError) as exc:
         hint = ""
@@ -1012,12 +1012,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069\u061c]")
-
-
-def _human(text: str) -> str:
-    """*text* for a terminal: control, C1 and bidi characters as escapes."""
-    return _UNSAFE.sub(lambda m: m[0].encode("unicode_escape").decode(), text)
+_human = escape_text  # everything printed for humans goes through it
 
 
 def _s(value: bytes | str) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
@@ -116,8 +116,7 @@ class Heartbeat:
         pipe.set(node_key(self._namespace, self._node_id), msgspec.json.encode(beat), px=ttl_ms)
         pipe.zadd(nodes_key(self._namespace), {self._node_id: now + ttl_ms})
         pipe.zremrangebyscore(nodes_key(self._namespace), "-inf", now)
-        results: list[Any] = await pipe.execute(raise_on_error=True)
-        del results
+        await pipe.execute(raise_on_error=True)
         self.stats["sent"] += 1
 
     async def remove(self) -> None:

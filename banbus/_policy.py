@@ -195,9 +195,16 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
 
 # -- text from the attacker --------------------------------------------------------------
 
-_UNSAFE_RE: Final = re.compile(
-    "[\x00-\x1f\x7f\x80-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069\u061c]"
+#: Control, C1, line-separator and bidi characters: invisible, and they rewrite
+#: what a terminal shows (the CLI escapes the same set in what it prints).
+UNSAFE_TEXT_RE: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069\u061c]"
 )
+
+
+def escape_text(text: str) -> str:
+    """*text* for a terminal: the unsafe characters as escapes (``\\x1b``, ``\\u202e``)."""
+    return UNSAFE_TEXT_RE.sub(lambda m: m[0].encode("unicode_escape").decode(), text)
 
 
 def sanitise_detail(text: str | bytes, limit: int = MAX_DETAIL_BYTES) -> str:
@@ -214,7 +221,7 @@ def sanitise_detail(text: str | bytes, limit: int = MAX_DETAIL_BYTES) -> str:
             text = raw.decode()
         except UnicodeDecodeError:
             text = "".join(chr(b) if b < 128 else "?" for b in raw)
-    text = _UNSAFE_RE.sub("?", text[: limit * 4])
+    text = UNSAFE_TEXT_RE.sub("?", text[: limit * 4])
     encoded = text.encode("utf-8", "surrogatepass")
     try:
         encoded.decode()

@@ -110,9 +110,6 @@ class Reporter:
                 log.debug("banbus: cannot refresh the policies: %s", exc)
             await anyio.sleep(self._refresh)
 
-    def policy_of(self, kind: str) -> Policy | None:
-        return self.policies.get(kind)
-
     # -- reports ---------------------------------------------------------------------------
 
     async def submit(self, address: Target, kind: str, weight: int, detail: str) -> Report:

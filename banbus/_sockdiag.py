@@ -191,10 +191,4 @@ class SockDiag:
 
         :param spare: peers never destroyed (the allowlist).
         """
-        network = ipaddress.ip_network(target, strict=False)
-        cut = 0
-        for sock in self.inbound(ports, network.version):
-            peer = ipaddress.ip_address(sock.peer)
-            if peer.version == network.version and peer in network and not spare(sock.peer):
-                cut += self.destroy(sock)
-        return cut
+        return self.cut_any([target], ports=ports, spare=spare)

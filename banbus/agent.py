@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import anyio
 
 from ._nft import Nft, NftError
+from ._policy import escape_text
 from ._sockdiag import SockDiag
 
 if TYPE_CHECKING:
@@ -480,16 +481,11 @@ def agent_status(table: str, beat: Any | None = None, now_ms: int = 0) -> str:
     extra = beat.extra
     last = extra.get("last_event_ms", 0)
     lines.append(
-        f"agent {_shown(beat.node_id)}: seq {beat.seq}, lag {beat.lag_ms:.1f} ms, "
+        f"agent {escape_text(beat.node_id)}: seq {beat.seq}, lag {beat.lag_ms:.1f} ms, "
         f"{'connected' if beat.connected else 'NOT connected'}, heard "
         f"{(now_ms - beat.sent_ms) / 1000:.1f} s ago; last ban "
         f"{f'{(now_ms - last) / 1000:.1f} s ago' if last else 'none yet'}"
     )
-    lines.append("  " + ", ".join(f"{_shown(k)} {v:,}" for k, v in extra.items()
+    lines.append("  " + ", ".join(f"{escape_text(k)} {v:,}" for k, v in extra.items()
                                   if k != "last_event_ms"))  # fmt: skip
     return "\n".join(lines)
-
-
-def _shown(text: str) -> str:
-    """Text from Redis, safe for a terminal."""
-    return text.encode("unicode_escape").decode() if not text.isprintable() else text
