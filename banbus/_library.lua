@@ -601,6 +601,11 @@ local function valid_utf8(s)
   return true
 end
 
+-- C1 controls, U+2028..U+202E (separators, bidi embeddings and overrides),
+-- U+2066..U+2069 (bidi isolates): invisible, and they rewrite what a terminal
+-- shows.  Refused in reasons; replaced in attacker text (sanitise).
+local INVISIBLE = {'\194[\128-\159]', '\226\128[\168-\174]', '\226\129[\166-\169]'}
+
 local function check_reason(reason)
   if #reason > MAX_REASON then
     fail('BANBUS_INVALID', 'reason is ' .. #reason .. ' bytes long; the limit is ' .. MAX_REASON)
@@ -613,11 +618,10 @@ local function check_reason(reason)
   if not valid_utf8(reason) then
     fail('BANBUS_INVALID', 'reason is not valid UTF-8')
   end
-  -- C1 controls, U+2028..U+202E (separators, bidi embeddings and overrides),
-  -- U+2066..U+2069 (bidi isolates): invisible, and they rewrite what a
-  -- terminal shows.
-  local at = string.find(reason, '\194[\128-\159]') or string.find(reason, '\226\128[\168-\174]')
-    or string.find(reason, '\226\129[\166-\169]')
+  local at
+  for _, pattern in ipairs(INVISIBLE) do
+    at = at or string.find(reason, pattern)
+  end
   if at then
     fail('BANBUS_INVALID', 'reason contains a C1 control or a bidi/line-separator character at '
       .. 'byte ' .. at .. '; use printable text')
@@ -1244,10 +1248,10 @@ end
 local function sanitise(text, limit)
   local s = string.sub(text, 1, limit * 4)
   s = string.gsub(s, '[%z\1-\31\127]', '?')
-  s = string.gsub(s, '\194[\128-\159]', '?')        -- U+0080..U+009F
+  for _, pattern in ipairs(INVISIBLE) do
+    s = string.gsub(s, pattern, '?')
+  end
   s = string.gsub(s, '\226\128[\142\143]', '?')     -- U+200E, U+200F
-  s = string.gsub(s, '\226\128[\168-\174]', '?')    -- U+2028..U+202E
-  s = string.gsub(s, '\226\129[\166-\169]', '?')    -- U+2066..U+2069
   s = string.gsub(s, '\216\156', '?')               -- U+061C
   if not valid_utf8(s) then
     s = string.gsub(s, '[\128-\255]', '?')
