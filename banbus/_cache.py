@@ -3,42 +3,59 @@
 Theory of operation
 -------------------
 
-:class:`BanCache` holds two :class:`_Table` s — bans and the allowlist — each an
-exact-address dict plus CIDR tables (one dict per prefix length in use, keyed
-by ``address >> host_bits``).  The I/O layer feeds it events (:meth:`apply`)
-and whole snapshots (:meth:`replace`); it answers :meth:`is_banned` without
-I/O.
+:class:`BanCache` holds two :class:`_Table` s — bans and the allowlist.  Each
+keeps exact IPv4 addresses packed in arrays (:mod:`banbus._packed`: 8 bytes
+per address in compact mode, 32 with the full record), other exact targets
+(IPv6) in a dict, and CIDR networks in one dict per prefix length in use,
+keyed by ``address >> host_bits``.  The I/O layer feeds it events
+(:meth:`apply`) and whole snapshots (:meth:`replace`); it answers
+:meth:`is_banned` without I/O.
 
 ``is_banned(ip)`` takes the peer text exactly as a socket reports it.  A miss —
-the common case — costs one dict probe, and, only when IPv4 networks are
-banned, one ``inet_pton`` plus a probe of a 64 Ki-entry bitmap indexed by the
-address's /16 (a network marks every /16 it overlaps); only a marked /16 goes
-on to the per-prefix tables.  No ``ipaddress`` parsing on that path.  A hit
-then checks expiry against the (server) clock and the allowlist, which always
-wins.
+the common case — costs one bloom filter probe of the text (rbloom, ~2 bytes
+per exact ban: "certainly not" for all but ~0.1% of addresses), and, only when
+IPv4 networks are banned, one ``inet_pton`` plus a probe of a 64 Ki-entry
+bitmap indexed by the address's /16 (a network marks every /16 it overlaps);
+only a marked /16 goes on to the per-prefix tables.  No ``ipaddress`` parsing
+on that path.  A hit then checks expiry against the (server) clock and the
+allowlist, which always wins.
+
+In **bloom mode** the exact addresses are held *only* in the filter: a
+"maybe" that this node does not know exactly is confirmed against the record
+(the node's *confirm* callback, or ``await node.check(ip)``) and the answer
+kept; events since the last load are known exactly.  When the filter wears
+(over capacity, or a third of it removed), the node reloads from the record.
 
 Expiry times are absolute server-clock milliseconds.  A hit is checked against
-the clock, so expiry is exact even if the sweep is late; the sweep
-(:meth:`expire`) reclaims memory from a per-second bucket wheel, which costs a
-pointer per ban instead of a heap entry.
+the clock, so expiry is exact even if the sweep is late.  Memory is reclaimed
+by :meth:`expire`: from a per-second bucket wheel for dict-held targets, and by
+periodic O(n) sweeps of the packed stores (which keep no per-entry pointer).
 """
 
 from __future__ import annotations
 
 import heapq
 import socket
+import time
 from array import array
-from typing import TYPE_CHECKING, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from ._digest import Digest, entry_hash
 from ._keys import DIGEST_EXCLUDE_LIMIT, DIGEST_P1, DIGEST_P2
 from ._model import Allow, Ban, BanRecord, Clear, Disallow, Entry, StreamEvent, Unban
+from ._packed import AddressStore
 from ._targets import normalize_peer
+
+_RBloom: Any
+try:
+    from rbloom import Bloom as _RBloom
+except ImportError:  # pragma: no cover - the pure-Python prefilter is tested directly
+    _RBloom = None
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
 
-__all__ = ["BanCache", "Kind"]
+__all__ = ["BLOOM_RATE", "BanCache", "CacheMode", "Kind"]
 
 _AF_INET: Final = socket.AF_INET
 _AF_INET6: Final = socket.AF_INET6
@@ -48,8 +65,13 @@ _from_bytes: Final = int.from_bytes
 _BUCKET_MS: Final = 1000
 #: The expiry wheel is rebuilt when its stale items exceed what is held by this much.
 _WHEEL_SLACK: Final = 1024
+#: The bloom filter's false-positive rate at capacity (capacity = 1.125 x the
+#: entries at a build): 14.5 bits per entry at capacity, ~1.8 bytes per entry.
+BLOOM_RATE: Final = 0.002
+_UNKNOWN: Final[Any] = object()
 
 Kind: TypeAlias = Literal["ban", "allow"]
+CacheMode: TypeAlias = Literal["full", "compact", "bloom"]
 
 
 def _split(target: str) -> tuple[int, int, int] | None:
@@ -66,27 +88,94 @@ def _split(target: str) -> tuple[int, int, int] | None:
     return 4, int(prefix), _from_bytes(_pton(_AF_INET, address))
 
 
+def _v4(target: str) -> int | None:
+    """The int of a dotted-quad address target, None for anything else."""
+    if "/" in target or ":" in target:
+        return None
+    try:
+        return _from_bytes(_pton(_AF_INET, target))
+    except OSError:
+        return None
+
+
+def _text4(value: int) -> str:
+    return _ntop(_AF_INET, value.to_bytes(4, "big"))
+
+
+class _HashBits:
+    """The prefilter when rbloom is not installed: one bit per hash, 16 bits per entry.
+
+    About 6% false positives (rbloom: 0.2% in the same memory, and faster).
+    """
+
+    __slots__ = ("bits", "mask")
+
+    def __init__(self, capacity: int, rate: float = 0.0) -> None:
+        size = 1 << max(16, (capacity * 16 - 1).bit_length())
+        self.mask = size - 1
+        self.bits = bytearray(size >> 3)
+
+    def add(self, text: str) -> None:
+        h = hash(text) & self.mask
+        self.bits[h >> 3] |= 1 << (h & 7)
+
+    def update(self, texts: Iterable[str]) -> None:
+        for text in texts:
+            self.add(text)
+
+    def __contains__(self, text: object) -> bool:
+        h = hash(text) & self.mask
+        return bool(self.bits[h >> 3] >> (h & 7) & 1)
+
+    @property
+    def size_in_bits(self) -> int:
+        return len(self.bits) * 8
+
+
+_Filter: Any = _HashBits if _RBloom is None else _RBloom
+
+
+class _Prefilter:
+    """The bloom filter in front of a table's exact addresses, and when to rebuild it.
+
+    It holds the text of every exact target stored since it was built
+    (removed ones too: they cost false positives until the next rebuild).
+    """
+
+    __slots__ = ("added", "capacity", "filter", "stale")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(capacity + (capacity >> 3), 1024)
+        self.filter: Any = _Filter(self.capacity, BLOOM_RATE)
+        #: Texts added since the build (a new target counts once).
+        self.added = 0
+        #: Of those, targets removed since.
+        self.stale = 0
+
+    @property
+    def worn(self) -> bool:
+        """Over capacity, or a third of it stale: the false positives have grown."""
+        return self.added > self.capacity or 3 * self.stale > self.capacity
+
+
 class _Table:
     """Exact addresses plus CIDR networks of one kind (bans or allowlist)."""
 
     __slots__ = (
-        "compact", "exact", "filter16", "members", "nets", "packed", "seconds", "v4", "v4_lengths",
+        "bloom_only", "exact", "filter16", "nets", "prefilter", "store", "v4", "v4_lengths",
         "v6", "v6_lengths",
     )  # fmt: skip
 
-    def __init__(self, compact: bool = False) -> None:
-        #: Compact mode: exact IPv4 addresses live in ``packed`` instead.
-        self.compact = compact
-        #: IPv4 address int -> expiry in whole seconds, rounded up (0 = permanent):
-        #: ~84 bytes per address instead of ~270 (measured at 1M), no reason/origin/seq kept.
-        self.packed: dict[int, int] = {}
-        #: Interned expiry seconds: bans of one second share one int object.
-        self.seconds: dict[int, int] = {}
-        self.exact: dict[str, Entry] = {}
-        #: The keys of ``exact`` again, as a set: a miss probes one hash table
-        #: slot instead of a dict's index *and* entry (≈190 vs ≈340 ns at a
-        #: million addresses), for ≈34 bytes per address.
-        self.members: set[str] = set()
+    def __init__(self, compact: bool = False, *, bloom_only: bool = False) -> None:
+        #: Exact IPv4 addresses, packed (see banbus._packed).
+        self.store = AddressStore(compact)
+        #: Other exact targets (IPv6 addresses) -> entry.  Bloom mode: every
+        #: exact target this node knows exactly (events since the build,
+        #: confirmed lookups); None = known absent.
+        self.exact: dict[str, Entry | None] = {}
+        #: Bloom mode: exact addresses are only in the prefilter and ``exact``.
+        self.bloom_only = bloom_only
+        self.prefilter: _Prefilter | None = None
         #: CIDR target text -> entry (the authoritative map for networks).
         self.nets: dict[str, Entry] = {}
         #: prefix length -> {network >> host_bits: target text}
@@ -99,96 +188,85 @@ class _Table:
         self.filter16 = array("L", bytes(65536 * array("L").itemsize))
 
     def __len__(self) -> int:
-        return len(self.exact) + len(self.nets) + len(self.packed)
-
-    def _packed_key(self, target: str) -> int | None:
-        if not self.compact or "/" in target or ":" in target:
-            return None
-        try:
-            return _from_bytes(_pton(_AF_INET, target))
-        except OSError:
-            return None
+        if self.bloom_only:
+            assert self.prefilter is not None
+            return self.prefilter.added - self.prefilter.stale + len(self.nets)
+        return len(self.exact) + len(self.nets) + len(self.store)
 
     def get(self, target: str) -> Entry | None:
-        entry = self.exact.get(target)
-        if entry is not None:
-            return entry
-        if self.packed:
-            key = self._packed_key(target)
-            if key is not None:
-                seconds = self.packed.get(key)
-                return None if seconds is None else Entry(seconds * 1000)
-        return self.nets.get(target)
+        if "/" in target:
+            return self.nets.get(target)
+        if not self.bloom_only:
+            value = _v4(target)
+            if value is not None:
+                return self.store.get(value)
+        return self.exact.get(target)
 
     def expires_of(self, target: str) -> int | None:
         """The stored expiry (ms, 0 = permanent) of exactly *target*, or None."""
-        entry = self.exact.get(target)
-        if entry is not None:
-            return entry.expires
-        if self.packed:
-            key = self._packed_key(target)
-            if key is not None:
-                seconds = self.packed.get(key)
-                return None if seconds is None else seconds * 1000
-        entry = self.nets.get(target)
+        entry = self.get(target)
         return None if entry is None else entry.expires
 
-    def put(self, target: str, entry: Entry) -> bool:
-        """Store *entry*; True if *target* was not present before."""
-        key = self._packed_key(target)
-        if key is not None:
-            return self.put_packed(key, entry.expires)
-        if "/" not in target:
-            new = target not in self.exact
-            self.exact[target] = entry
-            self.members.add(target)
-            return new
-        new = target not in self.nets
-        self.nets[target] = entry
-        if new:
-            split = _split(target)
-            assert split is not None
-            version, plen, network = split
-            if version == 4:
-                key = network >> (32 - plen)
-                self.v4.setdefault(plen, {})[key] = target
-                self._mark16(network, plen, 1)
-            else:
-                key = network >> (128 - plen)
-                self.v6.setdefault(plen, {})[key] = target
-            self._lengths()
-        return new
+    def contains_exact(self, ip: str) -> bool:
+        if self.bloom_only:
+            return self.exact.get(ip) is not None
+        value = _v4(ip)
+        return ip in self.exact if value is None else value in self.store
 
-    def put_packed(self, key: int, expires: int) -> bool:
-        """Store the IPv4 address *key* in compact form; True if it was not present."""
-        new = key not in self.packed
-        seconds = -(-expires // 1000)
-        self.packed[key] = self.seconds.setdefault(seconds, seconds)
-        return new
+    def put(self, target: str, entry: Entry) -> Entry | None:
+        """Store *entry*; return the entry it replaces (None: *target* is new)."""
+        if "/" in target:
+            before = self.nets.get(target)
+            self.nets[target] = entry
+            if before is None:
+                self._index_net(target, 1)
+            return before
+        value = None if self.bloom_only else _v4(target)
+        if value is not None:
+            before = self.store.put(value, entry)
+        else:
+            before = self.exact.get(target)
+            self.exact[target] = entry
+        prefilter = self.prefilter
+        if prefilter is not None and before is None:
+            prefilter.filter.add(target)
+            prefilter.added += 1
+        return before
 
     def remove(self, target: str) -> Entry | None:
-        key = self._packed_key(target)
-        if key is not None:
-            seconds = self.packed.pop(key, None)
-            return None if seconds is None else Entry(seconds * 1000)
-        if "/" not in target:
-            self.members.discard(target)
-            return self.exact.pop(target, None)
-        entry = self.nets.pop(target, None)
-        if entry is None:
-            return None
+        if "/" in target:
+            before = self.nets.pop(target, None)
+            if before is not None:
+                self._index_net(target, -1)
+            return before
+        value = None if self.bloom_only else _v4(target)
+        if value is not None:
+            before = self.store.pop(value)
+        elif self.bloom_only:
+            before = self.exact.get(target)
+            self.exact[target] = None
+        else:
+            before = self.exact.pop(target, None)
+        if before is not None and self.prefilter is not None:
+            self.prefilter.stale += 1
+        return before
+
+    def _index_net(self, target: str, delta: int) -> None:
         split = _split(target)
         assert split is not None
         version, plen, network = split
         tables = self.v4 if version == 4 else self.v6
-        table = tables[plen]
-        del table[network >> ((32 if version == 4 else 128) - plen)]
-        if not table:
-            del tables[plen]
-            self._lengths()
+        key = network >> ((32 if version == 4 else 128) - plen)
+        if delta > 0:
+            tables.setdefault(plen, {})[key] = target
+        else:
+            table = tables[plen]
+            del table[key]
+            if not table:
+                del tables[plen]
         if version == 4:
-            self._mark16(network, plen, -1)
-        return entry
+            self._mark16(network, plen, delta)
+        self._lengths()
 
     def _mark16(self, network: int, plen: int, delta: int) -> None:
         first = network >> 16
@@ -220,12 +298,10 @@ class _Table:
 
     def matches(self, ip: str) -> Iterator[str]:
         """Every target (exact first, then networks, most specific first) covering *ip*."""
-        if ip in self.exact:
+        if self.contains_exact(ip):
             yield ip
         try:
             value = _from_bytes(_pton(_AF_INET, ip))
-            if value in self.packed:
-                yield ip
         except OSError:
             try:
                 value = _from_bytes(_pton(_AF_INET6, ip))
@@ -242,31 +318,62 @@ class _Table:
                 if target is not None:
                     yield target
 
+    def targets(self) -> list[str]:
+        """Every target held (a list: safe to iterate while changing)."""
+        out = [t for t, e in self.exact.items() if e is not None]
+        out += self.nets
+        out += [_text4(v) for v in self.store.keys()]
+        return out
+
+    def items(self) -> Iterator[tuple[str, Entry]]:
+        for target, entry in list(self.exact.items()):
+            if entry is not None:
+                yield target, entry
+        yield from list(self.nets.items())
+        for value, entry in self.store.items():
+            yield _text4(value), entry
+
+    def build_prefilter(self, extra: Iterable[str] = ()) -> None:
+        """(Re)build the prefilter from what is held, plus *extra* texts (bloom mode)."""
+        texts = [t for t, e in self.exact.items() if e is not None]
+        texts += [_text4(v) for v in self.store.keys()]
+        texts += extra
+        prefilter = _Prefilter(len(texts))
+        prefilter.filter.update(texts)
+        prefilter.added = len(texts)
+        self.prefilter = prefilter
+
 
 class BanCache:
     """Bans and allowlist of one namespace, answering ``is_banned`` without I/O.
 
     :param clock: returns the current *server* time in milliseconds (the node
         passes its offset-corrected clock; tests pass a fake).
-    :param compact: keep exact IPv4 bans as ``int -> expiry second`` (~84 bytes
-        each instead of ~270): expiry is rounded up to the second and
-        ``lookup`` returns no reason/origin/seq for them.  For huge imported
-        blocklists, where memory matters more.
+    :param mode: ``"full"`` (default: every record exact, ~40 bytes per IPv4
+        ban), ``"compact"`` (IPv4 bans keep only their expiry, rounded up to
+        the second: ~10 bytes each; ``lookup`` returns no reason/origin/seq
+        for them) or ``"bloom"`` (exact addresses are held only in a bloom
+        filter, ~2 bytes each: a "maybe" is confirmed by *confirm*).
+    :param compact: the older spelling of ``mode="compact"``.
     :param digest: keep the view's digest (:mod:`banbus._digest`) up to date
-        for anti-entropy; off, changes are not tracked.
+        for anti-entropy; off, changes are not tracked.  Not in bloom mode.
+    :param confirm: bloom mode: called with an address the filter may hold
+        and this node does not know exactly; the node looks it up in Redis and
+        stores the answer (:meth:`confirmed`).
     """
 
     __slots__ = (
         "_allow",
         "_bans",
+        "_bloom",
         "_clock",
+        "_confirm_cb",
         "_digest",
         "_dirty_a",
         "_dirty_b",
-        "_exact",
         "_filter",
         "_generation",
-        "_packed",
+        "_mode",
         "_strings",
         "_track",
         "_v4_lengths",
@@ -275,22 +382,39 @@ class BanCache:
         "_wheel_heap",
         "_wheel_limit",
         "_wheel_size",
+        "reload_wanted",
     )  # fmt: skip
 
     def __init__(
-        self, clock: Callable[[], int], *, compact: bool = False, digest: bool = False
+        self,
+        clock: Callable[[], int],
+        *,
+        mode: CacheMode | None = None,
+        compact: bool = False,
+        digest: bool = False,
+        confirm: Callable[[str], None] | None = None,
     ) -> None:
+        if mode is None:
+            mode = "compact" if compact else "full"
+        if mode not in ("full", "compact", "bloom"):
+            raise ValueError(f"cache mode must be 'full', 'compact' or 'bloom', not {mode!r}")
+        if mode == "bloom" and _RBloom is None:
+            raise ImportError("cache='bloom' needs rbloom: pip install 'banbus[bloom]'")
+        self._mode: CacheMode = mode
         self._clock = clock
-        self._bans = _Table(compact)
+        self._bans = _Table(mode == "compact", bloom_only=mode == "bloom")
+        self._bans.build_prefilter()
         self._allow = _Table()
+        self._confirm_cb = confirm
+        #: Bloom mode: the filter is worn (see _Prefilter.worn) or the known
+        #: entries grew large: the node reloads from the record.
+        self.reload_wanted = False
         # Bound once: the hot path reads these attributes, never chains them.
-        self._exact = self._bans.members
-        self._packed = self._bans.packed
-        self._filter = self._bans.filter16
-        self._v4_lengths = self._bans.v4_lengths
-        self._v6_lengths = self._bans.v6_lengths
-        #: expiry second -> ([ban targets], [allow targets]) due in it; swept by expire().
-        self._wheel: dict[int, tuple[list[str | int], list[str | int]]] = {}
+        self._bind()
+        #: expiry second -> ([ban targets], [allow targets]) due in it; swept by
+        #: expire().  Targets in the packed stores are not here (they sweep
+        #: themselves, see _packed).
+        self._wheel: dict[int, tuple[list[str], list[str]]] = {}
         self._wheel_heap: list[int] = []
         #: Targets in the wheel, stale ones included, and when to look at that
         #: again (see _bound_wheel).
@@ -298,32 +422,50 @@ class BanCache:
         self._wheel_limit = _WHEEL_SLACK
         #: Interned reason/origin strings: a million bans share a handful.
         self._strings: dict[str, str] = {}
+        digest = digest and mode != "bloom"
         self._track = digest
         #: Bumped by replace() and clear(): a recompute() in progress gives up.
         self._generation = 0
         #: The digest of the tables, as of the last fold (None: unknown, see
         #: recompute()); the dirty maps hold, for each target changed since,
-        #: its expiry then (None: absent).
+        #: its entry then (None: absent).
         self._digest: Digest | None = Digest() if digest else None
         self._dirty_b: dict[str, Entry | None] | None = {} if digest else None
         self._dirty_a: dict[str, Entry | None] | None = {} if digest else None
 
+    def _bind(self) -> None:
+        bans = self._bans
+        assert bans.prefilter is not None
+        self._bloom = bans.prefilter.filter
+        self._filter = bans.filter16
+        self._v4_lengths = bans.v4_lengths
+        self._v6_lengths = bans.v6_lengths
+
+    @property
+    def mode(self) -> CacheMode:
+        return self._mode
+
     # -- hot path ------------------------------------------------------------------
 
     def is_banned(self, ip: str) -> bool:
-        """True if *ip* (as a socket reports it) is banned and not allowlisted."""
-        if ip in self._exact:
-            return self._confirm(ip)
-        if self._v4_lengths or self._packed:
+        """True if *ip* (as a socket reports it) is banned and not allowlisted.
+
+        Bloom mode: an address the filter may hold and this node does not
+        know exactly answers False until its confirmation arrives (the node
+        then treats it as a new ban: live connections from it are cut).
+        """
+        if ip in self._bloom:
+            entry = self._exact(ip)
+            if entry is not None:
+                if not entry.expires or entry.expires > self._clock():
+                    return not self._allowed(ip)
+                # Expired, not swept yet: a network may still cover the address.
+        if self._v4_lengths:
             try:
                 packed = _pton(_AF_INET, ip)
             except OSError:
                 return self._slow(ip)
-            if self._packed:  # compact mode: exact IPv4 bans are ints
-                seconds = self._packed.get(_from_bytes(packed))
-                if seconds is not None and (not seconds or seconds * 1000 > self._clock()):
-                    return not self._allowed(ip)
-            if self._v4_lengths and self._filter[packed[0] << 8 | packed[1]]:
+            if self._filter[packed[0] << 8 | packed[1]]:
                 target = self._bans.match_v4(_from_bytes(packed))
                 return target is not None and self._confirm(target, ip)
             return False
@@ -331,11 +473,27 @@ class BanCache:
             return self._slow(ip)
         return False
 
+    def _exact(self, ip: str) -> Entry | None:
+        """The exact entry of *ip* once the prefilter said maybe."""
+        table = self._bans
+        if table.bloom_only:
+            entry = table.exact.get(ip, _UNKNOWN)
+            if entry is _UNKNOWN:
+                if self._confirm_cb is not None and normalize_peer(ip) == ip:
+                    self._confirm_cb(ip)
+                return None
+            return entry  # type: ignore[no-any-return]
+        try:
+            value = _from_bytes(_pton(_AF_INET, ip))
+        except OSError:
+            return table.exact.get(ip)
+        return table.store.get(value)
+
     def _slow(self, ip: str) -> bool:
         """IPv6, IPv4-mapped, zone ids and non-canonical text."""
         peer = normalize_peer(ip)
         if peer != ip:
-            return self.lookup(peer) is not None
+            return self.is_banned(peer)
         if self._v6_lengths:
             try:
                 value = _from_bytes(_pton(_AF_INET6, ip))
@@ -371,12 +529,47 @@ class BanCache:
                 return True
         return False
 
+    # -- bloom mode ------------------------------------------------------------------
+
+    def pending(self, ip: str) -> bool:
+        """Bloom mode: True if *ip* may be banned and this node does not know exactly
+        (``await node.check(ip)`` asks Redis).  Always False in the exact modes."""
+        table = self._bans
+        return table.bloom_only and ip in self._bloom and ip not in table.exact
+
+    def confirmed(self, ip: str, entry: Entry | None) -> bool:
+        """Bloom mode: store what the record holds for exactly *ip* (None: not
+        banned); True if that is an active ban (connections from *ip* must go)."""
+        table = self._bans
+        if ip in table.exact:  # an event got there first: it is newer
+            return False
+        table.exact[ip] = entry
+        if entry is None or (entry.expires and entry.expires <= self._clock()):
+            table.exact[ip] = None
+            return False
+        if entry.expires:
+            self._wheel_add(True, ip, entry.expires)
+        self._check_wear()
+        return not self._allowed(ip)
+
+    def _check_wear(self) -> None:
+        table = self._bans
+        prefilter = table.prefilter
+        assert prefilter is not None
+        if table.bloom_only:
+            if prefilter.worn or len(table.exact) > max(65_536, prefilter.capacity >> 2):
+                self.reload_wanted = True
+        elif prefilter.worn:
+            table.build_prefilter()
+            self._bind()
+
     # -- queries ---------------------------------------------------------------------
 
     def lookup(self, ip: str) -> BanRecord | None:
         """The ban covering *ip* (exact first, then the most specific network).
 
         None if *ip* is not banned, the ban expired, or *ip* is allowlisted.
+        (Bloom mode: exact bans only as far as this node knows them.)
         """
         peer = normalize_peer(ip)
         now = self._clock()
@@ -405,17 +598,15 @@ class BanCache:
         return (self._bans if kind == "ban" else self._allow).get(target)
 
     def records(self, kind: Kind = "ban") -> Iterator[BanRecord]:
-        """Every active record of *kind* (a snapshot; safe to iterate while applying)."""
+        """Every active record of *kind* (a snapshot; safe to iterate while applying).
+
+        Bloom mode: the networks and the exact bans this node knows exactly.
+        """
         table = self._bans if kind == "ban" else self._allow
         now = self._clock()
-        for source in (table.exact, table.nets):
-            for target, entry in list(source.items()):
-                if not entry.expires or entry.expires > now:
-                    yield self._record(target, entry, kind)
-        for key, seconds in list(table.packed.items()):
-            if not seconds or seconds * 1000 > now:
-                text = _ntop(_AF_INET, key.to_bytes(4, "big"))
-                yield BanRecord(text, seconds * 1000, "", "", 0, kind)
+        for target, entry in table.items():
+            if not entry.expires or entry.expires > now:
+                yield self._record(target, entry, kind)
 
     @staticmethod
     def _record(target: str, entry: Entry, kind: Kind) -> BanRecord:
@@ -423,12 +614,12 @@ class BanCache:
 
     @property
     def ban_count(self) -> int:
-        """Bans held (including expired ones the sweep has not reclaimed yet)."""
+        """Bans held (including expired ones not reclaimed yet; bloom mode: approximate)."""
         return len(self._bans)
 
     def allow_targets(self) -> set[str]:
         """The targets on the allowlist (expired ones not yet swept included)."""
-        return set(self._allow.exact) | set(self._allow.nets)
+        return set(self._allow.targets())
 
     @property
     def allow_count(self) -> int:
@@ -442,6 +633,19 @@ class BanCache:
     def wheel_size(self) -> int:
         """Targets waiting in the expiry wheel (bounded by twice what is held)."""
         return self._wheel_size
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held in the packed arrays and the bloom filter (not the objects)."""
+        store = self._bans.store
+        prefilter = self._bans.prefilter
+        arrays = sum(a.buffer_info()[1] * a.itemsize for a in (
+            store.index, store.expires, store.seqs, store.reasons, store.origins))  # fmt: skip
+        return {
+            "packed": arrays,
+            "bloom": 0 if prefilter is None else prefilter.filter.size_in_bits // 8,
+            "overlay": len(store.overlay),
+            "known": len(self._bans.exact),
+        }
 
     # -- mutation ----------------------------------------------------------------------
 
@@ -493,10 +697,13 @@ class BanCache:
     def _remove(self, ban: bool, target: str) -> bool:
         """Remove *target*; True if it was there."""
         table = self._bans if ban else self._allow
+        before = table.remove(target)
         dirty = self._dirty_b if ban else self._dirty_a
         if dirty is not None and target not in dirty:
-            dirty[target] = table.get(target)
-        return table.remove(target) is not None
+            dirty[target] = before
+        if ban and before is not None:
+            self._check_wear()
+        return before is not None
 
     def _store(
         self,
@@ -508,67 +715,58 @@ class BanCache:
         seq: int,
         now: int | None,
     ) -> bool:
-        table = self._bans if ban else self._allow
-        dirty = self._dirty_b if ban else self._dirty_a
-        if dirty is not None:
-            # The entry before the first change since the digest's last fold.
-            if table.packed or table.nets:
-                if target not in dirty:
-                    dirty[target] = table.get(target)
-            else:
-                dirty.setdefault(target, table.exact.get(target))
         if expires and expires <= (self._clock() if now is None else now):
-            table.remove(target)
+            self._remove(ban, target)
             return False
+        table = self._bans if ban else self._allow
         strings = self._strings
         if len(strings) < 65536:
             reason = strings.setdefault(reason, reason)
             origin = strings.setdefault(origin, origin)
-        key = table._packed_key(target) if table.compact else None
-        if key is not None:
-            table.put_packed(key, expires)
-        elif "/" in target:
-            table.put(target, Entry(expires, reason, origin, seq))
-        else:
-            table.exact[target] = Entry(expires, reason, origin, seq)
-            table.members.add(target)
-        if expires:
-            bucket = expires // _BUCKET_MS
-            due = self._wheel.get(bucket)
-            if due is None:
-                due = self._wheel[bucket] = ([], [])
-                heapq.heappush(self._wheel_heap, bucket)
-            # Compact: the very int object that keys the dict (no second copy).
-            due[0 if ban else 1].append(target if key is None else key)
-            self._wheel_size += 1
-            if self._wheel_size > self._wheel_limit:
-                self._bound_wheel()
+        before = table.put(target, Entry(expires, reason, origin, seq))
+        dirty = self._dirty_b if ban else self._dirty_a
+        if dirty is not None and target not in dirty:
+            dirty[target] = before
+        if expires and ("/" in target or ":" in target or table.bloom_only):
+            self._wheel_add(ban, target, expires)
+        if ban and before is None:
+            self._check_wear()
         return ban
+
+    def _wheel_add(self, ban: bool, target: str, expires: int) -> None:
+        bucket = expires // _BUCKET_MS
+        due = self._wheel.get(bucket)
+        if due is None:
+            due = self._wheel[bucket] = ([], [])
+            heapq.heappush(self._wheel_heap, bucket)
+        due[0 if ban else 1].append(target)
+        self._wheel_size += 1
+        if self._wheel_size > self._wheel_limit:
+            self._bound_wheel()
 
     def _bound_wheel(self) -> None:
         """Re-stores and removals leave stale items in the wheel: keep it within
         twice what is held (rebuilt when it is not: amortised O(1) per store)."""
-        limit = 2 * (len(self._bans) + len(self._allow)) + _WHEEL_SLACK
+        limit = 2 * (self._wheel_held()) + _WHEEL_SLACK
         if self._wheel_size > limit:
             self._rebuild_wheel()
-            limit = 2 * (len(self._bans) + len(self._allow)) + _WHEEL_SLACK
+            limit = 2 * (self._wheel_held()) + _WHEEL_SLACK
         self._wheel_limit = limit
 
+    def _wheel_held(self) -> int:
+        return sum(len(t.exact) + len(t.nets) for t in (self._bans, self._allow))
+
     def _rebuild_wheel(self) -> None:
-        wheel: dict[int, tuple[list[str | int], list[str | int]]] = {}
+        wheel: dict[int, tuple[list[str], list[str]]] = {}
         size = 0
         for index, table in enumerate((self._bans, self._allow)):
             for source in (table.exact, table.nets):
                 for target, entry in source.items():
-                    if entry.expires:
+                    if entry is not None and entry.expires:
                         wheel.setdefault(entry.expires // _BUCKET_MS, ([], []))[index].append(
                             target
                         )
                         size += 1
-            for key, seconds in table.packed.items():
-                if seconds:
-                    wheel.setdefault(seconds * 1000 // _BUCKET_MS, ([], []))[index].append(key)
-                    size += 1
         self._wheel = wheel
         self._wheel_heap = list(wheel)
         heapq.heapify(self._wheel_heap)
@@ -578,79 +776,84 @@ class BanCache:
         self,
         bans: Iterable[tuple[str, Entry]],
         allows: Iterable[tuple[str, Entry]],
+        *,
+        newly: bool = True,
     ) -> list[str]:
         """Swap in a full snapshot (bootstrap/resync); return targets newly banned.
 
         The new tables are built aside and swapped in one step, so ``is_banned``
         never sees a half-loaded state.  The digest is unknown afterwards until
-        :meth:`recompute` has run.
+        :meth:`recompute` has run.  *newly* False: the caller does not need
+        the list (a bootstrap), [] is returned.
         """
-        fresh = BanCache(self._clock, compact=self._bans.compact)
+        fresh = BanCache(self._clock, mode=self._mode, confirm=self._confirm_cb)
         fresh._strings = self._strings
         now = self._clock()
         for target, entry in allows:
             fresh.put("allow", target, entry, now)
-        fresh._load_bans(bans, now)
-        old = self._bans
-        newly = (
-            [t for t in fresh._bans.exact if t not in old.exact]
-            + [t for t in fresh._bans.nets if t not in old.nets]
-            if len(old)
-            else list(fresh._bans.exact) + list(fresh._bans.nets)
-        )
-        newly += [
-            _ntop(_AF_INET, key.to_bytes(4, "big"))
-            for key in fresh._bans.packed
-            if key not in old.packed
-        ]
+        texts = fresh._load_bans(bans, now)
+        found: list[str] = []
+        if newly:
+            old = self._bans
+            if self._mode == "bloom":
+                known = old.exact
+                held = old.prefilter.filter if old.prefilter is not None else ()
+                found = [t for t in texts if t not in held or known.get(t, _UNKNOWN) is None]
+                found += [t for t in fresh._bans.nets if t not in old.nets]
+            elif not len(old):
+                found = fresh._bans.targets()
+            else:
+                found = [t for t in fresh._bans.targets() if not old.contains_exact(t)
+                         and t not in old.nets]  # fmt: skip
         track, generation = self._track, self._generation
         for name in self.__slots__:
             setattr(self, name, getattr(fresh, name))
         self._track = track
         self._generation = generation + 1
-        return newly
+        return found
 
-    def _load_bans(self, bans: Iterable[tuple[str, Entry]], now: int) -> None:
+    def _load_bans(self, bans: Iterable[tuple[str, Entry]], now: int) -> list[str]:
         """Bulk :meth:`put` for bootstrap: the same rules, inlined for a million rows.
 
-        Keeps the decoded entries themselves (interning their strings in place)
-        instead of allocating new ones.
+        Returns the exact targets loaded (their texts).
         """
-        exact = self._bans.exact
-        compact = self._bans.compact
+        table = self._bans
         strings = self._strings
         intern = strings.setdefault
-        wheel = self._wheel
-        heap = self._wheel_heap
-        size = 0
+        pton, af, from_bytes = _pton, _AF_INET, _from_bytes
+        bloom = table.bloom_only
+        rows: list[tuple[int, Entry]] = []
+        texts: list[str] = []
+        others: list[tuple[str, Entry]] = []
+        add_row, add_text = rows.append, texts.append
         for target, entry in bans:
             expires = entry.expires
             if expires and expires <= now:
                 continue
+            if "/" in target or ":" in target:
+                others.append((target, entry))
+                continue
+            add_text(target)
+            if not bloom:
+                add_row((from_bytes(pton(af, target)), entry))
+        if not bloom:
+            if len(rows) != len({value for value, _ in rows}):  # HSCAN may repeat a field
+                rows = list(dict(rows).items())
+            table.store.load(rows)
+        else:
+            texts = list(dict.fromkeys(texts))
+        for target, entry in others:
             if len(strings) < 65536:
                 entry.reason = intern(entry.reason, entry.reason)
                 entry.origin = intern(entry.origin, entry.origin)
-            key = self._bans._packed_key(target) if compact else None
-            if key is not None:
-                self._bans.put_packed(key, expires)
-            elif "/" in target:
-                self._bans.put(target, entry)
-            else:
-                exact[target] = entry
-            if expires:
-                bucket = expires // _BUCKET_MS
-                due = wheel.get(bucket)
-                if due is None:
-                    due = wheel[bucket] = ([], [])
-                    heapq.heappush(heap, bucket)
-                due[0].append(target if key is None else key)
-                size += 1
-        self._wheel_size += size
-        self._bans.members.update(exact)
+            self._store(True, target, entry.expires, entry.reason, entry.origin, entry.seq, now)
+        table.build_prefilter(texts if bloom else ())
+        self._bind()
+        return texts
 
     def clear(self) -> None:
         """Drop everything (the digest of an empty view is known: zero)."""
-        self.replace((), ())
+        self.replace((), (), newly=False)
         if self._track:
             self._digest = Digest()
             self._dirty_b, self._dirty_a = {}, {}
@@ -659,10 +862,17 @@ class BanCache:
 
     def next_expiry(self) -> int | None:
         """Server ms at which :meth:`expire` next has work, or None."""
-        return (self._wheel_heap[0] + 1) * _BUCKET_MS if self._wheel_heap else None
+        due = [(self._wheel_heap[0] + 1) * _BUCKET_MS] if self._wheel_heap else []
+        due += [t.store.earliest for t in (self._bans, self._allow) if t.store.earliest]
+        return min(due) if due else None
 
-    def expire(self, now: int | None = None) -> int:
-        """Drop every entry expired at *now* (server ms); return how many."""
+    def expire(self, now: int | None = None, *, force: bool = False) -> int:
+        """Drop every entry expired at *now* (server ms); return how many.
+
+        The packed stores are swept at most every ``sweep_interval`` seconds
+        (a sweep is O(n)) unless *force*; until then their expired entries
+        answer as absent but hold memory.
+        """
         if now is None:
             now = self._clock()
         heap, wheel = self._wheel_heap, self._wheel
@@ -672,16 +882,28 @@ class BanCache:
             self._wheel_size -= len(due[0]) + len(due[1])
             for ban, table, targets in ((True, self._bans, due[0]), (False, self._allow, due[1])):
                 for target in targets:
-                    if isinstance(target, int):  # compact: an IPv4 address int
-                        seconds = table.packed.get(target)
-                        if seconds and seconds * 1000 <= now:
-                            self._remove(ban, _ntop(_AF_INET, target.to_bytes(4, "big")))
-                            dropped += 1
-                        continue
                     entry = table.get(target)
                     if entry is not None and entry.expires and entry.expires <= now:
                         self._remove(ban, target)
                         dropped += 1
+        clock = time.monotonic()
+        for ban, table in ((True, self._bans), (False, self._allow)):
+            store = table.store
+            if not store.earliest or store.earliest > now:
+                continue
+            if not force and clock - store.last_sweep < store.sweep_interval:
+                continue
+            gone = store.sweep(now)
+            dropped += len(gone)
+            dirty = self._dirty_b if ban else self._dirty_a
+            prefilter = table.prefilter
+            if prefilter is not None:
+                prefilter.stale += len(gone)
+            if dirty is not None:
+                for value, entry in gone:
+                    dirty.setdefault(_text4(value), entry)
+        if dropped:
+            self._check_wear()
         return dropped
 
     # -- digest (anti-entropy, see banbus._digest) ----------------------------------------
@@ -702,27 +924,22 @@ class BanCache:
         generation = self._generation
         self._digest = None
         self._dirty_b, self._dirty_a = {}, {}
-        # Both lists before the first yield: what was there when this started.
-        kinds = []
-        for kind, table, dirty in (("ban", self._bans, self._dirty_b),
-                                   ("allow", self._allow, self._dirty_a)):  # fmt: skip
-            targets: list[str] = [*table.exact, *table.nets]
-            targets += [_ntop(_AF_INET, key.to_bytes(4, "big")) for key in list(table.packed)]
-            kinds.append((kind, table, dirty, targets))
+        # Every source captured before the first yield: what was there when this started.
+        sources: list[tuple[str, Iterator[tuple[Any, Entry]]]] = []
+        for kind, table in (("ban", self._bans), ("allow", self._allow)):
+            listed = [(t, e) for t, e in table.exact.items() if e is not None]
+            listed += table.nets.items()
+            sources.append((kind, iter(listed)))
+            sources.append((kind, table.store.snapshot()))
         d1 = d2 = n = 0
         done = 0
-        for kind, table, dirty, targets in kinds:
-            for target in targets:
-                if target in dirty:
-                    before = dirty[target]
-                    expires = None if before is None else before.expires
-                else:
-                    expires = table.expires_of(target)
-                if expires is not None:
-                    h1, h2 = entry_hash(kind, target, expires)
-                    d1 += h1
-                    d2 += h2
-                    n += 1
+        for kind, items in sources:
+            for target, entry in items:
+                h1, h2 = entry_hash(kind, target if isinstance(target, str) else _text4(target),
+                                    entry.expires)  # fmt: skip
+                d1 += h1
+                d2 += h2
+                n += 1
                 done += 1
                 if done % chunk == 0:
                     yield
@@ -743,15 +960,11 @@ class BanCache:
         budget = -1 if limit is None else limit
         for kind_bits, table, dirty in ((1, self._bans, self._dirty_b),
                                         (2, self._allow, self._dirty_a)):  # fmt: skip
-            exact_get = table.exact.get
-            simple = not (table.packed or table.nets)
+            expires_of = table.expires_of
             while dirty and budget:
                 budget -= 1
                 target, before = dirty.popitem()
-                entry = exact_get(target)
-                new: int | None = entry.expires if entry is not None else None
-                if entry is None and not simple:
-                    new = table.expires_of(target)
+                new = expires_of(target)
                 old = None if before is None else before.expires
                 if old == new:
                     continue
@@ -782,15 +995,23 @@ class BanCache:
 
         Entries expiring at or before *cutoff* are left out, as the function
         library leaves them out (``banbus_digest``).  None while the digest is
-        unknown (see :meth:`recompute`) or when more than
-        ``DIGEST_EXCLUDE_LIMIT`` entries would be left out.
+        unknown (see :meth:`recompute`), when more than
+        ``DIGEST_EXCLUDE_LIMIT`` entries would be left out, or when a packed
+        store holds such entries and may not be swept yet (see
+        :attr:`AddressStore.sweep_interval`): the comparison waits.
         """
         if self._digest is None:
             return None
+        for table in (self._bans, self._allow):
+            store = table.store
+            if store.earliest and store.earliest <= cutoff:
+                if time.monotonic() - store.last_sweep < store.sweep_interval:
+                    return None
+        self.expire(cutoff, force=True)
         d1, d2, n = self._fold()
         last = cutoff // _BUCKET_MS
         heap = self._wheel_heap
-        seen: set[tuple[bool, str | int]] = set()
+        seen: set[tuple[bool, str]] = set()
         stack = [0] if heap else []
         while stack:
             i = stack.pop()
@@ -802,17 +1023,13 @@ class BanCache:
             if due is None:
                 continue
             for ban, items in ((True, due[0]), (False, due[1])):
-                for item in items:
-                    if (ban, item) in seen:
+                for target in items:
+                    if (ban, target) in seen:
                         continue
-                    seen.add((ban, item))
+                    seen.add((ban, target))
                     if len(seen) > DIGEST_EXCLUDE_LIMIT * 2:
                         return None
                     table = self._bans if ban else self._allow
-                    if isinstance(item, int):
-                        target = _ntop(_AF_INET, item.to_bytes(4, "big"))
-                    else:
-                        target = item
                     expires = table.expires_of(target)
                     if expires and expires <= cutoff:
                         h1, h2 = entry_hash("ban" if ban else "allow", target, expires)

@@ -52,10 +52,11 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
 import anyio.lowlevel
+import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
-from ._cache import BanCache
+from ._cache import BanCache, CacheMode
 from ._clock import ServerClock, local_clock_ms
 from ._eventlog import EventLog
 from ._eventlog import enabled as eventlog_enabled
@@ -74,6 +75,7 @@ from ._model import (
     Unban,
     check_origin,
     check_reason,
+    entry_decoder,
     parse_ttl,
 )
 from ._policy import Policy, Report, check_kind, check_weight, sanitise_detail
@@ -144,9 +146,17 @@ class Node:
         failover to a replica that lost writes, FLUSHALL), restore what this
         node held that is missing — unless removed since.  A namespace emptied
         on purpose with ``banbus clear`` is not re-seeded.
-    :param compact: keep exact IPv4 bans in ~84 bytes each instead of ~270
-        (for millions of imported bans): their expiry is rounded up to the
-        second and ``lookup`` returns them without reason, origin or seq.
+    :param cache: how the local view holds exact addresses (see the README,
+        "Choosing a cache mode"): ``"full"`` (default) keeps every record
+        exact in ~40 bytes per IPv4 ban; ``"compact"`` ~10 bytes, the expiry
+        rounded up to the second and ``lookup`` without reason, origin or seq;
+        ``"bloom"`` ~2 bytes: a bloom filter answers "certainly not banned",
+        and an address it may hold that this node does not know exactly is
+        confirmed against Redis — :meth:`check` waits for that answer,
+        ``is_banned`` answers False until it arrives and the supervisor then
+        cuts the address's connections.  Bloom mode needs ``banbus[bloom]``,
+        keeps no digest (no anti-entropy) and no state file.
+    :param compact: the older spelling of ``cache="compact"``.
     :param check_interval: seconds between anti-entropy comparisons of the
         view's digest with the record's (0 turns them off).
     :param clock_interval: seconds between measurements of the server clock;
@@ -184,6 +194,7 @@ class Node:
         backoff: tuple[float, float] = (0.05, 2.0),
         scan_count: int = 10_000,
         reseed: bool = True,
+        cache: CacheMode = "full",
         compact: bool = False,
         check_interval: float = 2.0,
         clock_interval: float | None = 2.0,
@@ -219,7 +230,21 @@ class Node:
         self._clock_interval = clock_interval
         self._state: Literal["new", "starting", "running", "closed"] = "new"
         self._clock = ServerClock(clock or local_clock_ms, measured=clock_interval is not None)
-        self._cache = BanCache(self._clock.now, compact=compact, digest=check_interval > 0)
+        if compact and cache != "full":
+            raise ValueError("give cache='compact' or compact=True, not both")
+        mode: CacheMode = "compact" if compact else cache
+        if mode == "bloom":
+            if state_file is not None:
+                raise ValueError("cache='bloom' keeps no records to save: no state_file")
+            check_interval = 0.0  # no local record to compare
+            self._check_interval = 0.0
+        self._cache = BanCache(self._clock.now, mode=mode, digest=check_interval > 0,
+                               confirm=self._confirm_later)  # fmt: skip
+        self._confirming: set[str] = set()
+        self._bloom_stats = dict.fromkeys(
+            ("confirmations", "banned", "false_positives", "unconfirmed", "reloads"), 0
+        )
+        self._spawn: Callable[..., Any] | None = None
         # The hot path without a second Python call: the cache's bound method
         # (it stays valid across reloads, which swap the cache's insides).
         self.is_banned = self._cache.is_banned  # type: ignore[method-assign]
@@ -281,6 +306,7 @@ class Node:
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
             self._build(client, tg.start_soon)
+            self._spawn = tg.start_soon
             assert self._reader is not None and self._publisher is not None
             assert self._reseeder is not None
             if offline:
@@ -344,7 +370,6 @@ class Node:
             keys, cache=cache, publisher=publisher, reseeder=reseeder, follower=follower,
             clock=clock, interval=self._check_interval or 1.0, enabled=self._check_interval > 0,
         )  # fmt: skip
-        follower.digest_due = antientropy.due
         self._reporter = Reporter(
             publisher, node_id=self.node_id, spawn=spawn, ban=self._auto_ban,
             wait_for_seq=self.wait_for_seq,
@@ -357,6 +382,8 @@ class Node:
             backoff=self._backoff, lost=self._topology.avoid,
             leave_replica=self._topology.leave_replica,
         )  # fmt: skip
+        reader = self._reader
+        follower.digest_due = lambda: antientropy.due() or reader.reload_wanted
 
     async def __aexit__(
         self,
@@ -399,6 +426,70 @@ class Node:
         )
 
     # -- the hot path (sync, no I/O) ---------------------------------------------------
+
+    async def check(self, ip: str) -> bool:
+        """``is_banned``, exact in every cache mode.
+
+        In bloom mode an address the filter may hold and this node does not
+        know exactly is looked up in the record (one ``HGET``, answer kept);
+        if Redis cannot answer, the address counts as banned (a "maybe" is
+        far more often a ban than a false positive).  In the other modes this
+        is ``is_banned`` (no I/O).
+        """
+        self._check_running()
+        cache = self._cache
+        if not cache.pending(ip):
+            return cache.is_banned(ip)
+        try:
+            entry = await self._fetch_record(ip)
+        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+            self._bloom_stats["unconfirmed"] += 1
+            log.warning("banbus: %s could not confirm %s against the record (%s): banned",
+                        self.node_id, ip, exc)  # fmt: skip
+            return True
+        self._confirmed(ip, entry)
+        return cache.is_banned(ip)
+
+    def _confirm_later(self, ip: str) -> None:
+        """Bloom mode: *ip* may be banned (cache callback): confirm in the background."""
+        if self._spawn is None or ip in self._confirming or self._state != "running":
+            return
+        self._confirming.add(ip)
+        self._spawn(self._confirm_task, ip)
+
+    async def _confirm_task(self, ip: str) -> None:
+        try:
+            entry = await self._fetch_record(ip)
+        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+            self._bloom_stats["unconfirmed"] += 1
+            log.warning("banbus: %s could not confirm %s against the record: %s",
+                        self.node_id, ip, exc)  # fmt: skip
+        else:
+            self._confirmed(ip, entry)
+        finally:
+            self._confirming.discard(ip)
+
+    def _confirmed(self, ip: str, entry: Entry | None) -> None:
+        stats = self._bloom_stats
+        stats["confirmations"] += 1
+        if entry is None:
+            stats["false_positives"] += 1
+        else:
+            stats["banned"] += 1
+        if self._cache.confirmed(ip, entry):
+            self._notify(ip)  # like a ban that just landed: its connections go
+
+    async def _fetch_record(self, ip: str) -> Entry | None:
+        assert self._client is not None
+        with anyio.fail_after(5.0):
+            raw = await self._client.hget(self._keys.bans, ip)
+        if raw is None:
+            return None
+        try:
+            return entry_decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("banbus: record of %s is malformed (%s): skipped", ip, exc)
+            return None
 
     def is_banned(self, ip: str) -> bool:
         """True if *ip* (a peer address as sockets report it) is banned here and now."""
@@ -753,6 +844,12 @@ class Node:
             digest_mismatches=a.get("mismatches", 0),
             record_digest_mismatch=a.get("record_mismatch", 0),
             expiry_wheel=self._cache.wheel_size,
+            cache_mode=self._cache.mode,
+            bloom_confirmations=self._bloom_stats["confirmations"],
+            bloom_confirmed_banned=self._bloom_stats["banned"],
+            bloom_false_positives=self._bloom_stats["false_positives"],
+            bloom_unconfirmed=self._bloom_stats["unconfirmed"],
+            bloom_reloads=self._bloom_stats["reloads"],
             connected=reader.connected if reader else False,
             topology=topo.kind,
             primary=topo.describe(topo.primary),
@@ -785,6 +882,10 @@ class Node:
             delay = 1.0 if due is None else min(1.0, max(0.0, (due - clock.now()) / 1000))
             await anyio.sleep(delay)
             cache.expire()
+            if cache.reload_wanted and self._reader is not None:
+                cache.reload_wanted = False
+                self._bloom_stats["reloads"] += 1
+                self._reader.reload_wanted = True
             publisher.prune()
             # Digest bookkeeping waits for quiet moments (see _reseed); if
             # none comes, a little of it here keeps it from piling up.

@@ -110,6 +110,9 @@ class Reader:
         self._wake: anyio.Event | None = None
         self.connected = False
         self.stats = dict.fromkeys(("resyncs", "reconnects", "losses"), 0)
+        #: Reload from the record at the next turn of the follower (bloom mode:
+        #: the filter wore out; see Node).
+        self.reload_wanted = False
 
     def drop(self) -> None:
         """Close the connection (the primary moved): the reader reconnects and judges
@@ -199,6 +202,9 @@ class Reader:
         """Follow until the chain stops; return what must happen next (None: read on)."""
         follower = self._follower
         outcome = await follower.follow(conn)
+        if self.reload_wanted:
+            self.reload_wanted = False
+            return Verdict.GAP
         if outcome != "digest":
             return self._judge(await follower.verify(conn))
         result = await self._antientropy.check(conn)

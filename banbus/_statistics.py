@@ -111,3 +111,15 @@ class NodeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     auto_bans_local: int = 0
     #: This node's reports that crossed a policy in shadow mode.
     shadow_crossings: int = 0
+    #: ``"full"``, ``"compact"`` or ``"bloom"`` (see ``Node(cache=...)``).
+    cache_mode: str = "full"
+    #: Bloom mode: "maybe" answers of the filter confirmed against the record,
+    #: those found banned, those the record did not hold (false positives or
+    #: removed since the load), and those that could not be confirmed (Redis
+    #: unreachable: ``check()`` then answers banned).
+    bloom_confirmations: int = 0
+    bloom_confirmed_banned: int = 0
+    bloom_false_positives: int = 0
+    bloom_unconfirmed: int = 0
+    #: Bloom mode: reloads because the filter wore out (see ``_cache``).
+    bloom_reloads: int = 0

@@ -1162,7 +1162,8 @@ async def test_compact_node_bootstraps_and_follows(redis_url: str, namespace: st
             record = await a.ban("203.0.113.8")
             await small.wait_for_seq(record.seq)
             assert small.is_banned("203.0.113.8")
-            assert small.cache._bans.packed  # stored packed, not as records
+            assert len(small.cache._bans.store) == 2  # stored packed, not as records
+            assert small.statistics().cache_mode == "compact"
             record = await a.unban("203.0.113.8")
             await eventually(lambda: not small.is_banned("203.0.113.8"), 5.0, "unban")
 
