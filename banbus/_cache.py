@@ -34,6 +34,8 @@ periodic O(n) sweeps of the packed stores (which keep no per-entry pointer).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import heapq
 import socket
 import time
@@ -43,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 from ._digest import Digest, entry_hash
 from ._keys import DIGEST_EXCLUDE_LIMIT, DIGEST_P1, DIGEST_P2
 from ._model import Allow, Ban, BanRecord, Clear, Disallow, Entry, StreamEvent, Unban
-from ._packed import AddressStore
+from ._packed import AddressStore, BulkLoad
 from ._targets import normalize_peer
 
 _RBloom: Any
@@ -69,6 +71,20 @@ _WHEEL_SLACK: Final = 1024
 #: entries at a build): 14.5 bits per entry at capacity, ~1.8 bytes per entry.
 BLOOM_RATE: Final = 0.002
 _UNKNOWN: Final[Any] = object()
+
+try:
+    _libc: Any = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _malloc_trim = _libc.malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _malloc_trim = None
+
+
+def _trim() -> None:
+    """Give the heap a bulk load freed back to the OS (glibc keeps it otherwise:
+    a million-row bootstrap left ~50 MB of free heap in the process's RSS)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
 
 Kind: TypeAlias = Literal["ban", "allow"]
 CacheMode: TypeAlias = Literal["full", "compact", "bloom"]
@@ -333,10 +349,12 @@ class _Table:
         for value, entry in self.store.items():
             yield _text4(value), entry
 
-    def build_prefilter(self, extra: Iterable[str] = ()) -> None:
-        """(Re)build the prefilter from what is held, plus *extra* texts (bloom mode)."""
+    def build_prefilter(self, extra: Iterable[str] = (), *, held: bool = True) -> None:
+        """(Re)build the prefilter from *extra* texts, and what is held (*held*;
+        the dict-held exact targets are always added)."""
         texts = [t for t, e in self.exact.items() if e is not None]
-        texts += [_text4(v) for v in self.store.keys()]
+        if held:
+            texts += [_text4(v) for v in self.store.keys()]
         texts += extra
         prefilter = _Prefilter(len(texts))
         prefilter.filter.update(texts)
@@ -772,9 +790,15 @@ class BanCache:
         heapq.heapify(self._wheel_heap)
         self._wheel_size = size
 
+    def bulk_load(self, count: int) -> BulkLoad:
+        """A container for about *count* bans, filled page by page by a snapshot
+        and given to :meth:`replace`."""
+        table = self._bans
+        return BulkLoad(table.store.compact, _Prefilter(count), keep=not table.bloom_only)
+
     def replace(
         self,
-        bans: Iterable[tuple[str, Entry]],
+        bans: BulkLoad | Iterable[tuple[str, Entry]],
         allows: Iterable[tuple[str, Entry]],
         *,
         newly: bool = True,
@@ -791,7 +815,11 @@ class BanCache:
         now = self._clock()
         for target, entry in allows:
             fresh.put("allow", target, entry, now)
-        texts = fresh._load_bans(bans, now)
+        if isinstance(bans, BulkLoad):
+            texts = fresh._install(bans, now)
+        else:
+            texts = fresh._load_bans(bans, now)
+        _trim()
         found: list[str] = []
         if newly:
             old = self._bans
@@ -813,43 +841,50 @@ class BanCache:
         return found
 
     def _load_bans(self, bans: Iterable[tuple[str, Entry]], now: int) -> list[str]:
-        """Bulk :meth:`put` for bootstrap: the same rules, inlined for a million rows.
-
-        Returns the exact targets loaded (their texts).
-        """
+        """Bulk :meth:`put` for bootstrap: the same rules, column by column for a
+        million rows.  Returns the exact targets loaded (their texts)."""
         table = self._bans
+        rows = [(t, e) for t, e in bans if not e.expires or e.expires > now]
+        others = [(t, e) for t, e in rows if "/" in t or ":" in t]
+        if others:
+            rows = [(t, e) for t, e in rows if "/" not in t and ":" not in t]
+        texts = [t for t, _ in rows]
+        if len(set(texts)) != len(texts):  # HSCAN may return a field twice
+            rows = list(dict(rows).items())
+            texts = [t for t, _ in rows]
+        if not table.bloom_only:
+            pton, af, from_bytes = _pton, _AF_INET, _from_bytes
+            table.store.load([from_bytes(pton(af, t)) for t in texts], [e for _, e in rows])
         strings = self._strings
         intern = strings.setdefault
-        pton, af, from_bytes = _pton, _AF_INET, _from_bytes
-        bloom = table.bloom_only
-        rows: list[tuple[int, Entry]] = []
-        texts: list[str] = []
-        others: list[tuple[str, Entry]] = []
-        add_row, add_text = rows.append, texts.append
-        for target, entry in bans:
-            expires = entry.expires
-            if expires and expires <= now:
-                continue
-            if "/" in target or ":" in target:
-                others.append((target, entry))
-                continue
-            add_text(target)
-            if not bloom:
-                add_row((from_bytes(pton(af, target)), entry))
-        if not bloom:
-            if len(rows) != len({value for value, _ in rows}):  # HSCAN may repeat a field
-                rows = list(dict(rows).items())
-            table.store.load(rows)
-        else:
-            texts = list(dict.fromkeys(texts))
         for target, entry in others:
             if len(strings) < 65536:
                 entry.reason = intern(entry.reason, entry.reason)
                 entry.origin = intern(entry.origin, entry.origin)
             self._store(True, target, entry.expires, entry.reason, entry.origin, entry.seq, now)
-        table.build_prefilter(texts if bloom else ())
+        table.build_prefilter(texts, held=False)
         self._bind()
         return texts
+
+    def _install(self, bulk: BulkLoad, now: int) -> list[str]:
+        """Install what a snapshot put in *bulk*; return the exact IPv4 texts."""
+        table = self._bans
+        if bulk.keep:
+            store = bulk.finish()
+            store.last_sweep = table.store.last_sweep
+            table.store = store
+        table.prefilter = bulk.prefilter
+        self._bind()
+        strings = self._strings
+        intern = strings.setdefault
+        for target, entry in bulk.others:
+            if entry.expires and entry.expires <= now:
+                continue
+            if len(strings) < 65536:
+                entry.reason = intern(entry.reason, entry.reason)
+                entry.origin = intern(entry.origin, entry.origin)
+            self._store(True, target, entry.expires, entry.reason, entry.origin, entry.seq, now)
+        return bulk.texts
 
     def clear(self) -> None:
         """Drop everything (the digest of an empty view is known: zero)."""

@@ -30,6 +30,7 @@ cache runs at most every :attr:`sweep_interval` seconds.
 
 from __future__ import annotations
 
+import socket
 import time
 from array import array
 from bisect import bisect_left
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ._model import Entry
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterator
 
 __all__ = ["AddressStore"]
 
@@ -230,48 +231,31 @@ class AddressStore:
             self.texts.append(text)
         return i
 
-    def load(self, rows: Iterable[tuple[int, Entry]]) -> None:
-        """Fill an empty store from (address, entry) pairs, distinct addresses (bootstrap)."""
+    def load(self, values: list[int], entries: list[Entry]) -> None:
+        """Fill an empty store: the addresses *values* (distinct) and their entries
+        (bootstrap), column by column."""
         assert not self.index and not self.overlay
-        compact = self.compact
-        vals: list[int] = []
-        append = vals.append
-        earliest = 0
-        if compact:
-            for value, entry in rows:
-                expires = entry.expires
-                if expires and (not earliest or expires < earliest):
-                    earliest = expires
-                append(value << 32 | -(-expires // 1000))
+        expires = [e.expires for e in entries]
+        self.earliest = min(filter(None, expires), default=0)
+        if self.compact:
+            vals = [v << 32 | -(-x // 1000) for v, x in zip(values, expires, strict=True)]
         else:
-            expires_a, seqs, reasons, origins = self.expires, self.seqs, self.reasons, self.origins
-            exps: list[int] = []
-            sqs: list[int] = []
-            rsn: list[int] = []
-            org: list[int] = []
-            ids = self.text_ids
-            text = self._text
-            row = len(expires_a)
-            for value, entry in rows:
-                expires = entry.expires
-                if expires and (not earliest or expires < earliest):
-                    earliest = expires
-                append(value << 32 | row)
-                row += 1
-                exps.append(expires)
-                sqs.append(entry.seq)
-                r = ids.get(entry.reason)
-                rsn.append(text(entry.reason) if r is None else r)
-                o = ids.get(entry.origin)
-                org.append(text(entry.origin) if o is None else o)
-            expires_a.extend(exps)
-            seqs.extend(sqs)
-            reasons.extend(rsn)
-            origins.extend(org)
+            row = len(self.expires)
+            vals = [v << 32 | i for i, v in enumerate(values, row)]
+            self.expires.extend(expires)
+            del expires
+            self.seqs.extend([e.seq for e in entries])
+            text, ids = self._text, self.text_ids
+            for e in entries:  # the distinct texts first (a handful, usually)
+                if e.reason not in ids:
+                    text(e.reason)
+                if e.origin not in ids:
+                    text(e.origin)
+            self.reasons.extend([ids[e.reason] for e in entries])
+            self.origins.extend([ids[e.origin] for e in entries])
         vals.sort()
         self.index = array("Q", vals)
         self.count = len(vals)
-        self.earliest = earliest
         self._directory()
 
     def merge(self, now: int | None = None) -> list[tuple[int, Entry]]:
@@ -380,3 +364,89 @@ class AddressStore:
 
     def clear(self) -> None:
         self.__init__(self.compact)  # type: ignore[misc]
+
+
+class BulkLoad:
+    """The exact IPv4 bans of a snapshot, put into columns page by page.
+
+    ``_snapshot`` feeds each HSCAN page to :meth:`page` while Redis pages the
+    next one, so a bootstrap's work mostly overlaps the scan; the cache then
+    installs the columns (:meth:`AddressStore.install`).  Targets other than
+    dotted-quad addresses go to ``others``.
+    """
+
+    __slots__ = ("keep", "keys", "others", "prefilter", "store", "texts")
+
+    def __init__(self, compact: bool, prefilter: Any, *, keep: bool = True) -> None:
+        self.store = AddressStore(compact)
+        #: False (bloom mode): only the texts and the filter, no columns.
+        self.keep = keep
+        #: address << 32 | payload (see AddressStore.index), in sorted runs.
+        self.keys: list[int] = []
+        self.texts: list[str] = []
+        self.others: list[tuple[str, Entry]] = []
+        #: A bloom filter being filled (None: addresses are not kept in one here).
+        self.prefilter = prefilter
+
+    def page(self, texts: list[str], values: list[int], entries: list[Entry]) -> None:
+        """Add canonical IPv4 addresses: their *texts*, ints and entries."""
+        store = self.store
+        start = len(self.texts)
+        if not self.keep:
+            run = []
+        elif store.compact:
+            run = [v << 32 | -(-e.expires // 1000) for v, e in zip(values, entries, strict=True)]
+        else:
+            run = [v << 32 | i for i, v in enumerate(values, start)]
+            store.expires.extend([e.expires for e in entries])
+            store.seqs.extend([e.seq for e in entries])
+            text, ids = store._text, store.text_ids
+            for e in entries:
+                if e.reason not in ids:
+                    text(e.reason)
+                if e.origin not in ids:
+                    text(e.origin)
+            store.reasons.extend([ids[e.reason] for e in entries])
+            store.origins.extend([ids[e.origin] for e in entries])
+        earliest = min(filter(None, [e.expires for e in entries]), default=0)
+        if earliest and (not store.earliest or earliest < store.earliest):
+            store.earliest = earliest
+        run.sort()
+        self.keys += run
+        self.texts += texts
+        if self.prefilter is not None:
+            self.prefilter.filter.update(texts)
+            self.prefilter.added += len(texts)
+
+    def __iter__(self) -> Iterator[tuple[str, Entry]]:
+        """(target, entry) of every row (the exact IPv4 ones rebuilt from the columns)."""
+        yield from self.others
+        store = self.store
+        by_value = {x >> 32: x for x in self.keys}
+        for text in self.texts:
+            x = by_value[int.from_bytes(socket.inet_aton(text), "big")]
+            payload = x & _M32
+            if store.compact:
+                yield text, Entry(payload * 1000)
+            else:
+                yield text, store._entry_at_payload(payload)
+
+    def targets(self) -> list[str]:
+        return [t for t, _ in self.others] + self.texts
+
+    def finish(self) -> AddressStore:
+        """The store, with its index (duplicate rows — HSCAN may repeat a field —
+        resolved: the last one wins)."""
+        store = self.store
+        keys = self.keys
+        if len(set(self.texts)) != len(self.texts):
+            last: dict[int, int] = {}
+            for x in keys:
+                last[x >> 32] = x
+            keys = list(last.values())
+        keys.sort()
+        store.index = array("Q", keys)
+        store.count = len(keys)
+        store._directory()
+        self.keys = []
+        return store

@@ -240,10 +240,10 @@ class Reader:
         since = min(int(follower.last_id.partition("-")[0]), self._clock.now())
         for _attempt in range(10):
             snap = await take(conn, self._keys, clock=self._clock, scan_count=self._scan_count,
-                              skip=follower.skip)  # fmt: skip
+                              skip=follower.skip, bulk=cache.bulk_load)  # fmt: skip
             candidates = self._reseeder.collect(snap) if loss and not first else []
             allowed_before = cache.allow_targets()
-            newly = cache.replace(snap.bans, snap.allows)
+            newly = cache.replace(snap.bans, snap.allows, newly=not first)
             follower.reset(snap.head_id, snap.seq, snap.epoch)
             self._publisher.installed(snap.seq, snap.epoch)
             self._reseeder.hold(candidates, since)

@@ -61,6 +61,7 @@ import redis.exceptions as redis_errors
 from ._digest import Digest, entry_hash
 from ._exceptions import BanbusError, InvalidInput
 from ._model import Allow, Ban, Entry
+from ._packed import BulkLoad
 from ._publisher import Reply, Write
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ class Reseeder:
         now = self._clock.now()
         out: list[tuple[Kind, str, Entry]] = []
         kinds: tuple[tuple[Kind, set[str], dict[str, Any]], ...] = (
-            ("ban", {t for t, _ in snapshot.bans}, self._publisher.slots_b),
+            ("ban", set(_targets(snapshot.bans)), self._publisher.slots_b),
             ("allow", {t for t, _ in snapshot.allows}, self._publisher.slots_a),
         )
         for kind, present, slots in kinds:
@@ -389,3 +390,7 @@ class AntiEntropy:
             if base is not None and (base.expires == 0 or base.expires > cutoff):
                 digest = digest.add(entry_hash(kind, target, base.expires))
         return digest
+
+
+def _targets(rows: BulkLoad | list[tuple[str, Entry]]) -> list[str]:
+    return rows.targets() if isinstance(rows, BulkLoad) else [t for t, _ in rows]

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from ._clock import ServerClock
     from ._keys import Keys
+    from ._packed import BulkLoad
     from ._resp import ReaderConnection
 
 __all__ = ["Snapshot", "take"]
@@ -55,7 +56,7 @@ class Snapshot(NamedTuple):
     head_id: str
     seq: int
     epoch: str
-    bans: list[tuple[str, Entry]]
+    bans: BulkLoad | list[tuple[str, Entry]]
     allows: list[tuple[str, Entry]]
 
 
@@ -67,10 +68,14 @@ async def take(
     scan_count: int,
     skip: Callable[[str, str], None],
     timeout: float = 120.0,
+    bulk: Callable[[int], BulkLoad] | None = None,
 ) -> Snapshot:
     """Steps 1 and 2: the watermark, then the whole record.
 
     :param skip: called ``(what, why)`` for each malformed entry skipped.
+    :param bulk: makes the container the bans go into, given their number
+        (``HLEN``; the cache's ``bulk_load``), so that each page is put in
+        columns while Redis pages the next.
     :raises TimeoutError: a round trip took longer than *timeout* seconds (a
         silent server must not hang the reader).
     """
@@ -78,7 +83,11 @@ async def take(
     with anyio.fail_after(timeout):
         state = await conn.call("FCALL_RO", "banbus_state", 1, keys.function_key)
     clock.observe(int(state[3]), sent, clock.local())
-    bans = await _scan(conn, keys.bans, scan_count, skip, timeout)
+    into = None
+    if bulk is not None:
+        with anyio.fail_after(timeout):
+            into = bulk(int(await conn.call("HLEN", keys.bans)))
+    bans = await _scan(conn, keys.bans, scan_count, skip, timeout, into, clock.now())
     allows = await _scan(conn, keys.allow, scan_count, skip, timeout)
     return Snapshot(str(state[0]), int(state[1]), str(state[2] or ""), bans, allows)
 
@@ -89,9 +98,13 @@ async def _scan(
     count: int,
     skip: Callable[[str, str], None],
     timeout: float,
-) -> list[tuple[str, Entry]]:
-    out: list[tuple[str, Entry]] = []
-    ntop, pton, af = _ntop, _pton, _AF_INET
+    into: BulkLoad | None = None,
+    now: int = 0,
+) -> Any:
+    """The entries of the hash *key*: a list of (target, entry), or *into*
+    filled (expired entries left out there)."""
+    out: list[tuple[str, Entry]] = [] if into is None else into.others
+    ntop, pton, af, from_bytes = _ntop, _pton, _AF_INET, int.from_bytes
     future = conn.call("HSCAN", key, "0", "COUNT", count)
     while True:
         with anyio.fail_after(timeout):
@@ -109,13 +122,22 @@ async def _scan(
         except (msgspec.DecodeError, msgspec.ValidationError):
             entries = [_decode_one(key, t, v, skip) for t, v in zip(targets, values, strict=True)]
         append = out.append
+        texts: list[str] = []
+        ints: list[int] = []
+        rows: list[Entry] = []
         for target, entry in zip(targets, entries, strict=True):
             if entry is None:
                 continue
             try:
                 # The common case: a canonical IPv4 address, checked without parsing.
-                if ntop(af, pton(af, target)) == target:
-                    append((target, entry))
+                packed = pton(af, target)
+                if ntop(af, packed) == target:
+                    if into is None:
+                        append((target, entry))
+                    elif not entry.expires or entry.expires > now:
+                        texts.append(target)
+                        ints.append(from_bytes(packed, "big"))
+                        rows.append(entry)
                     continue
             except OSError:
                 pass
@@ -123,8 +145,10 @@ async def _scan(
                 append((target, entry))
             else:
                 skip(f"record {key}[{target!r}]", "not a canonical target")
+        if into is not None:
+            into.page(texts, ints, rows)
         if cursor == "0":
-            return out
+            return out if into is None else into
 
 
 def _decode_one(key: str, target: str, value: str, skip: Callable[[str, str], None]) -> Any:
