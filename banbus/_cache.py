@@ -160,8 +160,8 @@ class _Prefilter:
 
     __slots__ = ("added", "capacity", "filter", "stale")
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(capacity + (capacity >> 3), 1024)
+    def __init__(self, capacity: int, *, room: float = 0.125) -> None:
+        self.capacity = max(capacity + int(capacity * room), 1024)
         self.filter: Any = _Filter(self.capacity, BLOOM_RATE)
         #: Texts added since the build (a new target counts once).
         self.added = 0
@@ -238,12 +238,13 @@ class _Table:
                 self._index_net(target, 1)
             return before
         value = None if self.bloom_only else _v4(target)
+        prefilter = self.prefilter
         if value is not None:
-            before = self.store.put(value, entry)
+            fresh = prefilter is not None and target not in prefilter.filter
+            before = self.store.put(value, entry, fresh=fresh)
         else:
             before = self.exact.get(target)
             self.exact[target] = entry
-        prefilter = self.prefilter
         if prefilter is not None and before is None:
             prefilter.filter.add(target)
             prefilter.added += 1
@@ -356,7 +357,8 @@ class _Table:
         if held:
             texts += [_text4(v) for v in self.store.keys()]
         texts += extra
-        prefilter = _Prefilter(len(texts))
+        # Room to double when rebuilt for growth (a bootstrap sizes it exactly).
+        prefilter = _Prefilter(len(texts), room=3.0 if held else 0.125)
         prefilter.filter.update(texts)
         prefilter.added = len(texts)
         self.prefilter = prefilter
@@ -473,9 +475,9 @@ class BanCache:
         then treats it as a new ban: live connections from it are cut).
         """
         if ip in self._bloom:
-            entry = self._exact(ip)
-            if entry is not None:
-                if not entry.expires or entry.expires > self._clock():
+            expires = self._exact(ip)
+            if expires is not None:
+                if not expires or expires > self._clock():
                     return not self._allowed(ip)
                 # Expired, not swept yet: a network may still cover the address.
         if self._v4_lengths:
@@ -491,21 +493,21 @@ class BanCache:
             return self._slow(ip)
         return False
 
-    def _exact(self, ip: str) -> Entry | None:
-        """The exact entry of *ip* once the prefilter said maybe."""
+    def _exact(self, ip: str) -> int | None:
+        """The expiry of the exact ban of *ip* once the prefilter said maybe (None: none)."""
         table = self._bans
-        if table.bloom_only:
-            entry = table.exact.get(ip, _UNKNOWN)
-            if entry is _UNKNOWN:
+        entry = table.exact.get(ip, _UNKNOWN)
+        if entry is _UNKNOWN:
+            if table.bloom_only:
                 if self._confirm_cb is not None and normalize_peer(ip) == ip:
                     self._confirm_cb(ip)
                 return None
-            return entry  # type: ignore[no-any-return]
-        try:
-            value = _from_bytes(_pton(_AF_INET, ip))
-        except OSError:
-            return table.exact.get(ip)
-        return table.store.get(value)
+            try:
+                value = _from_bytes(_pton(_AF_INET, ip))
+            except OSError:
+                return None
+            return table.store.expires_of(value)
+        return None if entry is None else entry.expires
 
     def _slow(self, ip: str) -> bool:
         """IPv6, IPv4-mapped, zone ids and non-canonical text."""
@@ -741,14 +743,34 @@ class BanCache:
         if len(strings) < 65536:
             reason = strings.setdefault(reason, reason)
             origin = strings.setdefault(origin, origin)
-        before = table.put(target, Entry(expires, reason, origin, seq))
+        prefilter = table.prefilter
+        if (
+            prefilter is not None
+            and not table.bloom_only
+            and "/" not in target
+            and (":" not in target)
+        ):
+            # An IPv4 address (table.put, inlined: the per-event path).
+            value = _from_bytes(_pton(_AF_INET, target))
+            entry = Entry(expires, reason, origin, seq)
+            if target in prefilter.filter:
+                before = table.store.put(value, entry)
+            else:
+                before = table.store.put(value, entry, fresh=True)
+                prefilter.filter.add(target)
+            if before is None:
+                prefilter.added += 1
+        else:
+            before = table.put(target, Entry(expires, reason, origin, seq))
         dirty = self._dirty_b if ban else self._dirty_a
         if dirty is not None and target not in dirty:
             dirty[target] = before
         if expires and ("/" in target or ":" in target or table.bloom_only):
             self._wheel_add(ban, target, expires)
         if ban and before is None:
-            self._check_wear()
+            prefilter = table.prefilter
+            if prefilter is not None and (prefilter.added > prefilter.capacity or table.bloom_only):
+                self._check_wear()
         return ban
 
     def _wheel_add(self, ban: bool, target: str, expires: int) -> None:

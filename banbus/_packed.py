@@ -17,8 +17,8 @@ arrays instead:
   lookup bisects a few entries, not a million.
 * ``overlay`` — changes since ``index`` was built (address -> entry, None =
   removed), looked at first.  It is merged into a new ``index`` when it grows
-  past a quarter of it (amortised O(1) per change; a merge is a sort of
-  mostly-sorted ints, done in C).
+  past half of it (amortised O(1) per change; a merge is a sort of a sorted
+  run plus the new keys, done in C).
 
 The hot path never comes here for a miss: the cache's bloom filter answers
 "certainly not" first (see :mod:`banbus._cache`).
@@ -59,8 +59,8 @@ class AddressStore:
     """IPv4 address (int) -> :class:`~banbus._model.Entry`, in packed arrays."""
 
     __slots__ = (
-        "compact", "count", "directory", "earliest", "expires", "index", "last_sweep", "origins",
-        "overlay", "reasons", "seqs", "text_ids", "texts",
+        "compact", "count", "directory", "earliest", "expires", "index", "last_sweep", "limit",
+        "origins", "overlay", "reasons", "seqs", "shadowed", "text_ids", "texts",
     )  # fmt: skip
 
     def __init__(self, compact: bool = False) -> None:
@@ -74,6 +74,10 @@ class AddressStore:
         self.texts: list[str] = [""]
         self.text_ids: dict[str, int] = {"": 0}
         self.overlay: dict[int, Entry | None] = {}
+        #: Overlay keys that are in the index too (a merge must filter the index).
+        self.shadowed = 0
+        #: The overlay is merged when it holds more than this.
+        self.limit = _OVERLAY_MIN
         #: Addresses held (expired ones not swept yet included).
         self.count = 0
         #: No entry expires before this (server ms; 0: none expires).  A lower
@@ -182,25 +186,30 @@ class AddressStore:
 
     # -- writes --------------------------------------------------------------------------
 
-    def put(self, value: int, entry: Entry) -> Entry | None:
+    def put(self, value: int, entry: Entry, *, fresh: bool = False) -> Entry | None:
         """Store *entry* for *value*; return the entry it replaces (None: new).
 
-        Compact: only the expiry is kept, rounded up to the second, from now on.
+        *fresh*: the caller knows *value* is not in the index (its bloom filter
+        said so), which spares the lookup.  Compact: only the expiry is kept,
+        rounded up to the second, from now on.
         """
         if self.compact:
             entry = Entry(-(-entry.expires // 1000) * 1000)
         overlay = self.overlay
         before = overlay.get(value, _MISSING)
-        if before is _MISSING:
+        if before is _MISSING and fresh:
+            before = None
+        elif before is _MISSING:
             i = self._position(value)
             before = None if i < 0 else self._entry_at(i)
+            self.shadowed += i >= 0
         overlay[value] = entry
         if before is None:
             self.count += 1
         expires = entry.expires
         if expires and (not self.earliest or expires < self.earliest):
             self.earliest = expires
-        if len(overlay) > _OVERLAY_MIN and len(overlay) > len(self.index) >> 2:
+        if len(overlay) > self.limit:
             self.merge()
         return before  # type: ignore[no-any-return]
 
@@ -214,6 +223,7 @@ class AddressStore:
                 return None
             before = self._entry_at(i)
             overlay[value] = None
+            self.shadowed += 1
         elif before is None:
             return None
         elif self._position(value) >= 0:
@@ -255,6 +265,7 @@ class AddressStore:
             self.origins.extend([ids[e.origin] for e in entries])
         vals.sort()
         self.index = array("Q", vals)
+        self.limit = max(_OVERLAY_MIN, len(vals))
         self.count = len(vals)
         self._directory()
 
@@ -266,7 +277,11 @@ class AddressStore:
         expired: list[tuple[int, Entry]] = []
         if self.compact:
             if now is None:
-                vals = [x for x in index if x >> 32 not in overlay] if overlay else index.tolist()
+                vals = (
+                    [x for x in index if x >> 32 not in overlay]
+                    if self.shadowed
+                    else index.tolist()
+                )
             else:
                 limit = now // 1000  # expired: 0 < seconds * 1000 <= now
                 vals = []
@@ -288,7 +303,11 @@ class AddressStore:
         else:
             exps = self.expires
             if now is None:
-                vals = [x for x in index if x >> 32 not in overlay] if overlay else index.tolist()
+                vals = (
+                    [x for x in index if x >> 32 not in overlay]
+                    if self.shadowed
+                    else index.tolist()
+                )
             else:
                 vals = []
                 keep = vals.append
@@ -299,23 +318,33 @@ class AddressStore:
                             expired.append((x >> 32, self._entry_at_payload(x & _M32)))
                     elif x >> 32 not in overlay:
                         keep(x)
-            row = len(exps)
-            text = self._text
-            for value, entry in overlay.items():
-                if entry is None:
-                    continue
-                if now is not None and entry.expires and entry.expires <= now:
-                    expired.append((value, entry))
-                    continue
-                vals.append(value << 32 | row)
-                row += 1
-                exps.append(entry.expires)
-                self.seqs.append(entry.seq)
-                self.reasons.append(text(entry.reason))
-                self.origins.append(text(entry.origin))
+            live = [
+                (value, entry)
+                for value, entry in overlay.items()
+                if entry is not None and (now is None or not entry.expires or entry.expires > now)
+            ]
+            if now is not None:
+                expired += [
+                    (v, e) for v, e in overlay.items() if e is not None and e.expires
+                    and e.expires <= now
+                ]  # fmt: skip
+            vals += [value << 32 | i for i, (value, _) in enumerate(live, len(exps))]
+            added = [entry for _, entry in live]
+            exps.extend([a.expires for a in added])
+            self.seqs.extend([a.seq for a in added])
+            text, ids = self._text, self.text_ids
+            for a in added:
+                if a.reason not in ids:
+                    text(a.reason)
+                if a.origin not in ids:
+                    text(a.origin)
+            self.reasons.extend([ids[a.reason] for a in added])
+            self.origins.extend([ids[a.origin] for a in added])
         vals.sort()
         self.index = array("Q", vals)
         self.overlay = {}
+        self.shadowed = 0
+        self.limit = max(_OVERLAY_MIN, len(vals))
         self.count = len(vals)
         if not self.compact and len(self.expires) > 2 * len(vals) + _OVERLAY_MIN:
             self._compact_rows()
@@ -446,6 +475,7 @@ class BulkLoad:
             keys = list(last.values())
         keys.sort()
         store.index = array("Q", keys)
+        store.limit = max(_OVERLAY_MIN, len(keys))
         store.count = len(keys)
         store._directory()
         self.keys = []
