@@ -1,0 +1,226 @@
+"""The cache modes: the packed address store, the bulk load, the prefilter, bloom mode."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from banbus import Node
+from banbus._cache import BanCache, _HashBits
+from banbus._model import Ban, Entry, Unban
+from banbus._packed import AddressStore, BulkLoad
+
+from ._helpers import eventually, nodes
+
+NOW = 1_800_000_000_000
+
+_values = st.integers(min_value=0, max_value=40)  # few addresses: many collisions
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["put", "pop", "merge", "sweep"]),
+            _values,
+            st.sampled_from([0, 1_500, 60_000]),
+        ),
+        max_size=60,
+    ),
+    compact=st.booleans(),
+    preload=st.lists(_values, max_size=20, unique=True),
+)
+def test_store_behaves_like_a_dict(
+    ops: list[tuple[str, int, int]], compact: bool, preload: list[int]
+) -> None:
+    """Whatever the mix of writes, merges and sweeps: the store answers as a dict would
+    (compact: expiry rounded up to the second)."""
+    now = NOW
+
+    def shape(expires: int) -> int:
+        return -(-expires // 1000) * 1000 if compact else expires
+
+    store = AddressStore(compact)
+    model: dict[int, int] = {}
+    rows = [Entry(NOW + 3_600_000, "r", "o", i) for i in range(len(preload))]
+    store.load(preload, rows)
+    model.update({v: shape(NOW + 3_600_000) for v in preload})
+    for op, value, ttl in ops:
+        if op == "put":
+            expires = now + ttl if ttl else 0
+            before = store.put(value << 20, Entry(expires, "why", "me", 7))
+            assert (before is None) == (value << 20 not in model)
+            model[value << 20] = shape(expires)
+        elif op == "pop":
+            gone = store.pop(value << 20)
+            assert (gone is None) == (value << 20 not in model)
+            model.pop(value << 20, None)
+        elif op == "merge":
+            store.merge()
+        else:
+            now += ttl
+            for v, _ in store.sweep(now):
+                assert model.pop(v) <= now
+        for v in {value << 20, *model}:
+            assert store.expires_of(v) == model.get(v)
+            assert (v in store) == (v in model)
+        assert len(store) == len(model)
+        assert sorted(store.keys()) == sorted(model)
+    if not compact:
+        for v, entry in store.items():
+            assert entry.expires == model[v]
+            assert entry.reason in ("r", "why")
+
+
+def test_bulk_load_keeps_the_last_of_a_repeated_field_and_equals_a_list_load() -> None:
+    pages = [
+        [("203.0.113.7", Entry(0, "a", "n1", 1)), ("198.51.100.1", Entry(NOW + 5_000))],
+        [("203.0.113.7", Entry(NOW + 9_000, "b", "n2", 2)), ("10.0.0.0/8", Entry(0))],
+    ]
+    for mode in ("full", "compact"):
+        by_list = BanCache(lambda: NOW, mode=mode)  # type: ignore[arg-type]
+        by_list.replace([row for page in pages for row in page], [])
+        by_bulk = BanCache(lambda: NOW, mode=mode)  # type: ignore[arg-type]
+        bulk = by_bulk.bulk_load(4)
+        for page in pages:
+            v4 = [(t, e) for t, e in page if "/" not in t]
+            bulk.others += [(t, e) for t, e in page if "/" in t]
+            bulk.page(
+                [t for t, _ in v4],
+                [int(ipaddress.IPv4Address(t)) for t, _ in v4],
+                [e for _, e in v4],
+            )
+        assert isinstance(bulk, BulkLoad)
+        assert sorted(bulk.targets()) == sorted(t for p in pages for t, _ in p)
+        by_bulk.replace(bulk, [])
+        key = lambda r: r.target  # noqa: E731
+        assert sorted(by_bulk.records(), key=key) == sorted(by_list.records(), key=key), mode
+        assert by_bulk.entry("ban", "203.0.113.7") == by_list.entry("ban", "203.0.113.7")
+        assert by_bulk.is_banned("10.1.2.3") and by_bulk.is_banned("198.51.100.1")
+        assert by_bulk.ban_count == 3
+
+
+def test_the_pure_python_prefilter_has_no_false_negatives() -> None:
+    bits = _HashBits(1000)
+    texts = [f"192.0.2.{i}" for i in range(256)] + [f"2001:db8::{i:x}" for i in range(500)]
+    bits.update(texts)
+    assert all(t in bits for t in texts)
+    outsiders = [f"198.51.{i >> 8}.{i & 255}" for i in range(20_000)]
+    assert sum(t in bits for t in outsiders) < 0.2 * len(outsiders)  # a filter, not "all"
+
+
+def test_bloom_mode_asks_for_maybes_and_knows_events_exactly() -> None:
+    asked: list[str] = []
+    now = [NOW]
+    cache = BanCache(lambda: now[0], mode="bloom", confirm=asked.append)
+    cache.replace([("203.0.113.7", Entry(0)), ("203.0.113.8", Entry(NOW + 1_000))], [])
+    assert cache.memory()["packed"] == 0  # addresses are in the filter only
+    assert not cache.is_banned("203.0.113.7")  # a maybe: not known yet
+    assert asked == ["203.0.113.7"]
+    assert cache.pending("203.0.113.7") and not cache.pending("192.0.2.1")
+    assert not cache.is_banned("192.0.2.1") and asked == ["203.0.113.7"]  # certainly not
+    assert cache.confirmed("203.0.113.7", Entry(0, "scan"))  # connections must go
+    assert cache.is_banned("203.0.113.7") and not cache.pending("203.0.113.7")
+    # Events are exact at once, confirmations arriving after them are ignored.
+    cache.apply(Unban(target="203.0.113.7"))
+    assert not cache.is_banned("203.0.113.7")
+    assert not cache.confirmed("203.0.113.7", Entry(0))
+    assert not cache.is_banned("203.0.113.7")
+    cache.apply(Ban(target="192.0.2.9", expires=NOW + 2_000))
+    assert cache.is_banned("192.0.2.9")
+    now[0] = NOW + 2_000
+    assert not cache.is_banned("192.0.2.9")  # expiry is exact for known entries
+    assert not cache.confirmed("203.0.113.8", Entry(NOW + 1_000))  # expired on arrival
+    assert cache.lookup("::ffff:192.0.2.9") is None
+
+
+def test_bloom_mode_wants_a_reload_when_the_filter_wears() -> None:
+    cache = BanCache(lambda: NOW, mode="bloom")
+    cache.replace([(f"203.0.113.{i}", Entry(0)) for i in range(10)], [])
+    assert not cache.reload_wanted
+    for i in range(2_000):  # past the filter's capacity (1024)
+        cache.apply(Ban(target=f"10.0.{i >> 8}.{i & 255}"))
+    assert cache.reload_wanted
+
+
+def test_exact_modes_rebuild_the_filter_as_they_grow_without_losing_anything() -> None:
+    for mode in ("full", "compact"):
+        cache = BanCache(lambda: NOW, mode=mode)  # type: ignore[arg-type]
+        targets = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(150_000)]
+        for t in targets:
+            cache.apply(Ban(target=t, expires=NOW + 60_000))
+        assert all(cache.is_banned(t) for t in targets[::97])
+        assert cache._bans.prefilter is not None and cache._bans.prefilter.capacity >= 150_000
+        assert not cache.is_banned("192.0.2.1")
+
+
+# -- bloom mode on a real node -----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_bloom_node_confirms_against_redis_and_cuts_a_connection_it_accepted(
+    redis_url: str, namespace: str
+) -> None:
+    """The ban is in the record before the bloom node starts (it holds only the filter):
+    a connection from that address is accepted, confirmed, and cut; check() is exact."""
+    async with nodes(redis_url, namespace, 1) as (a,):
+        await a.ban("127.0.0.41", reason="loaded")
+        await a.ban("203.0.113.9")
+        async with Node(redis_url, namespace=namespace, node_id="bloom", cache="bloom") as b:
+            assert b.statistics().cache_mode == "bloom"
+            assert await b.check("203.0.113.9")
+            assert not await b.check("192.0.2.77")
+            closed = anyio.Event()
+
+            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await reader.read()  # until the supervisor aborts the transport
+                closed.set()
+
+            server = await asyncio.start_server(b.protect(handle), "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            client = socket.socket()
+            client.bind(("127.0.0.41", 0))
+            client.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(client, ("127.0.0.1", port))
+                with anyio.fail_after(10):
+                    await closed.wait()
+            finally:
+                client.close()
+                server.close()
+            stats = b.statistics()
+            assert stats.bloom_confirmed_banned >= 2  # 203.0.113.9 and 127.0.0.41
+            assert b.is_banned("127.0.0.41")
+            assert b.supervisor.statistics().cut >= 1
+            # An unban and a new ban arrive as events: exact without a lookup.
+            before = b.statistics().bloom_confirmations
+            assert await a.unban("127.0.0.41")
+            record = await a.ban("198.51.100.3")  # after the unban: waiting for it is enough
+            await b.wait_for_seq(record.seq)
+            assert not b.is_banned("127.0.0.41") and b.is_banned("198.51.100.3")
+            assert await b.check("198.51.100.3")
+            assert b.statistics().bloom_confirmations == before
+
+
+@pytest.mark.anyio
+async def test_bloom_node_reloads_when_asked_and_rejects_a_state_file(
+    redis_url: str, namespace: str
+) -> None:
+    with pytest.raises(ValueError, match="state_file"):
+        Node(redis_url, cache="bloom", state_file="/tmp/x")
+    with pytest.raises(ValueError, match="not both"):
+        Node(redis_url, cache="bloom", compact=True)
+    async with nodes(redis_url, namespace, 1) as (a,):
+        await a.ban("203.0.113.5")
+        async with Node(redis_url, namespace=namespace, node_id="bloom", cache="bloom",
+                        block_ms=100) as b:  # fmt: skip
+            b.cache.reload_wanted = True
+            await eventually(lambda: b.statistics().resyncs == 1, 10.0, "reload")
+            assert b.statistics().bloom_reloads == 1
+            assert await b.check("203.0.113.5")
