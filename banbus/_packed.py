@@ -233,6 +233,19 @@ class AddressStore:
         self.count -= 1
         return before  # type: ignore[no-any-return]
 
+    def _append_rows(self, entries: list[Entry]) -> None:
+        """Append the records of *entries* as rows, column by column."""
+        self.expires.extend([e.expires for e in entries])
+        self.seqs.extend([e.seq for e in entries])
+        text, ids = self._text, self.text_ids
+        for e in entries:  # the distinct texts first (a handful, usually)
+            if e.reason not in ids:
+                text(e.reason)
+            if e.origin not in ids:
+                text(e.origin)
+        self.reasons.extend([ids[e.reason] for e in entries])
+        self.origins.extend([ids[e.origin] for e in entries])
+
     def _text(self, text: str) -> int:
         ids = self.text_ids
         i = ids.get(text)
@@ -252,17 +265,7 @@ class AddressStore:
         else:
             row = len(self.expires)
             vals = [v << 32 | i for i, v in enumerate(values, row)]
-            self.expires.extend(expires)
-            del expires
-            self.seqs.extend([e.seq for e in entries])
-            text, ids = self._text, self.text_ids
-            for e in entries:  # the distinct texts first (a handful, usually)
-                if e.reason not in ids:
-                    text(e.reason)
-                if e.origin not in ids:
-                    text(e.origin)
-            self.reasons.extend([ids[e.reason] for e in entries])
-            self.origins.extend([ids[e.origin] for e in entries])
+            self._append_rows(entries)
         vals.sort()
         self.index = array("Q", vals)
         self.limit = max(_OVERLAY_MIN, len(vals))
@@ -329,17 +332,7 @@ class AddressStore:
                     and e.expires <= now
                 ]  # fmt: skip
             vals += [value << 32 | i for i, (value, _) in enumerate(live, len(exps))]
-            added = [entry for _, entry in live]
-            exps.extend([a.expires for a in added])
-            self.seqs.extend([a.seq for a in added])
-            text, ids = self._text, self.text_ids
-            for a in added:
-                if a.reason not in ids:
-                    text(a.reason)
-                if a.origin not in ids:
-                    text(a.origin)
-            self.reasons.extend([ids[a.reason] for a in added])
-            self.origins.extend([ids[a.origin] for a in added])
+            self._append_rows([entry for _, entry in live])
         vals.sort()
         self.index = array("Q", vals)
         self.overlay = {}
@@ -427,16 +420,7 @@ class BulkLoad:
             run = [v << 32 | -(-e.expires // 1000) for v, e in zip(values, entries, strict=True)]
         else:
             run = [v << 32 | i for i, v in enumerate(values, start)]
-            store.expires.extend([e.expires for e in entries])
-            store.seqs.extend([e.seq for e in entries])
-            text, ids = store._text, store.text_ids
-            for e in entries:
-                if e.reason not in ids:
-                    text(e.reason)
-                if e.origin not in ids:
-                    text(e.origin)
-            store.reasons.extend([ids[e.reason] for e in entries])
-            store.origins.extend([ids[e.origin] for e in entries])
+            store._append_rows(entries)
         earliest = min(filter(None, [e.expires for e in entries]), default=0)
         if earliest and (not store.earliest or earliest < store.earliest):
             store.earliest = earliest
