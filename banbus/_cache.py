@@ -212,10 +212,8 @@ class _Table:
     def get(self, target: str) -> Entry | None:
         if "/" in target:
             return self.nets.get(target)
-        if not self.bloom_only:
-            value = _v4(target)
-            if value is not None:
-                return self.store.get(value)
+        if not self.bloom_only and ":" not in target:
+            return self.store.get(target)
         return self.exact.get(target)
 
     def expires_of(self, target: str) -> int | None:
@@ -226,8 +224,7 @@ class _Table:
     def contains_exact(self, ip: str) -> bool:
         if self.bloom_only:
             return self.exact.get(ip) is not None
-        value = _v4(ip)
-        return ip in self.exact if value is None else value in self.store
+        return ip in self.store if ":" not in ip else ip in self.exact
 
     def put(self, target: str, entry: Entry) -> Entry | None:
         """Store *entry*; return the entry it replaces (None: *target* is new)."""
@@ -237,16 +234,17 @@ class _Table:
             if before is None:
                 self._index_net(target, 1)
             return before
-        value = None if self.bloom_only else _v4(target)
         prefilter = self.prefilter
-        if value is not None:
+        if not self.bloom_only and ":" not in target:
+            # Not in the filter: not in the index either (a merge adds to it).
             fresh = prefilter is not None and target not in prefilter.filter
-            before = self.store.put(value, entry, fresh=fresh)
+            before = self.store.put(target, entry, fresh=fresh)
         else:
             before = self.exact.get(target)
             self.exact[target] = entry
+            if prefilter is not None and before is None:
+                prefilter.filter.add(target)
         if prefilter is not None and before is None:
-            prefilter.filter.add(target)
             prefilter.added += 1
         return before
 
@@ -256,9 +254,8 @@ class _Table:
             if before is not None:
                 self._index_net(target, -1)
             return before
-        value = None if self.bloom_only else _v4(target)
-        if value is not None:
-            before = self.store.pop(value)
+        if not self.bloom_only and ":" not in target:
+            before = self.store.pop(target)
         elif self.bloom_only:
             before = self.exact.get(target)
             self.exact[target] = None
@@ -339,7 +336,7 @@ class _Table:
         """Every target held (a list: safe to iterate while changing)."""
         out = [t for t, e in self.exact.items() if e is not None]
         out += self.nets
-        out += [_text4(v) for v in self.store.keys()]
+        out += self.store.keys()
         return out
 
     def items(self) -> Iterator[tuple[str, Entry]]:
@@ -347,15 +344,14 @@ class _Table:
             if entry is not None:
                 yield target, entry
         yield from list(self.nets.items())
-        for value, entry in self.store.items():
-            yield _text4(value), entry
+        yield from self.store.items()
 
     def build_prefilter(self, extra: Iterable[str] = (), *, held: bool = True) -> None:
         """(Re)build the prefilter from *extra* texts, and what is held (*held*;
         the dict-held exact targets are always added)."""
         texts = [t for t, e in self.exact.items() if e is not None]
         if held:
-            texts += [_text4(v) for v in self.store.keys()]
+            texts += self.store.keys()
         texts += extra
         # Room to double when rebuilt for growth (a bootstrap sizes it exactly).
         prefilter = _Prefilter(len(texts), room=3.0 if held else 0.125)
@@ -394,6 +390,7 @@ class BanCache:
         "_filter",
         "_generation",
         "_mode",
+        "_recent",
         "_strings",
         "_track",
         "_v4_lengths",
@@ -457,6 +454,9 @@ class BanCache:
         bans = self._bans
         assert bans.prefilter is not None
         self._bloom = bans.prefilter.filter
+        bans.store.filter = bans.prefilter.filter
+        #: The store's recent changes: not in the bloom filter until merged.
+        self._recent = bans.store.overlay
         self._filter = bans.filter16
         self._v4_lengths = bans.v4_lengths
         self._v6_lengths = bans.v6_lengths
@@ -474,7 +474,7 @@ class BanCache:
         know exactly answers False until its confirmation arrives (the node
         then treats it as a new ban: live connections from it are cut).
         """
-        if ip in self._bloom:
+        if ip in self._bloom or ip in self._recent:
             expires = self._exact(ip)
             if expires is not None:
                 if not expires or expires > self._clock():
@@ -502,11 +502,7 @@ class BanCache:
                 if self._confirm_cb is not None and normalize_peer(ip) == ip:
                     self._confirm_cb(ip)
                 return None
-            try:
-                value = _from_bytes(_pton(_AF_INET, ip))
-            except OSError:
-                return None
-            return table.store.expires_of(value)
+            return table.store.expires_of(ip)
         return None if entry is None else entry.expires
 
     def _slow(self, ip: str) -> bool:
@@ -751,13 +747,8 @@ class BanCache:
             and (":" not in target)
         ):
             # An IPv4 address (table.put, inlined: the per-event path).
-            value = _from_bytes(_pton(_AF_INET, target))
             entry = Entry(expires, reason, origin, seq)
-            if target in prefilter.filter:
-                before = table.store.put(value, entry)
-            else:
-                before = table.store.put(value, entry, fresh=True)
-                prefilter.filter.add(target)
+            before = table.store.put(target, entry, fresh=target not in prefilter.filter)
             if before is None:
                 prefilter.added += 1
         else:
@@ -908,6 +899,13 @@ class BanCache:
             self._store(True, target, entry.expires, entry.reason, entry.origin, entry.seq, now)
         return bulk.texts
 
+    def settle(self) -> None:
+        """Pack recent changes now (the node calls this when it is idle): an
+        event burst is absorbed in the stores' overlays and packed later."""
+        for table in (self._bans, self._allow):
+            if len(table.store.overlay) > 4096:
+                table.store.merge()
+
     def clear(self) -> None:
         """Drop everything (the digest of an empty view is known: zero)."""
         self.replace((), (), newly=False)
@@ -957,8 +955,8 @@ class BanCache:
             if prefilter is not None:
                 prefilter.stale += len(gone)
             if dirty is not None:
-                for value, entry in gone:
-                    dirty.setdefault(_text4(value), entry)
+                for target, entry in gone:
+                    dirty.setdefault(target, entry)
         if dropped:
             self._check_wear()
         return dropped
@@ -982,18 +980,17 @@ class BanCache:
         self._digest = None
         self._dirty_b, self._dirty_a = {}, {}
         # Every source captured before the first yield: what was there when this started.
-        sources: list[tuple[str, Iterator[tuple[Any, Entry]]]] = []
+        sources: list[tuple[str, Iterator[tuple[str, int]]]] = []
         for kind, table in (("ban", self._bans), ("allow", self._allow)):
-            listed = [(t, e) for t, e in table.exact.items() if e is not None]
-            listed += table.nets.items()
+            listed = [(t, e.expires) for t, e in table.exact.items() if e is not None]
+            listed += [(t, e.expires) for t, e in table.nets.items()]
             sources.append((kind, iter(listed)))
-            sources.append((kind, table.store.snapshot()))
+            sources.append((kind, table.store.expiries()))
         d1 = d2 = n = 0
         done = 0
         for kind, items in sources:
-            for target, entry in items:
-                h1, h2 = entry_hash(kind, target if isinstance(target, str) else _text4(target),
-                                    entry.expires)  # fmt: skip
+            for target, expires in items:
+                h1, h2 = entry_hash(kind, target, expires)
                 d1 += h1
                 d2 += h2
                 n += 1

@@ -877,11 +877,16 @@ class Node:
     async def _expiry_task(self) -> None:
         assert self._publisher is not None
         cache, clock, publisher = self._cache, self._clock, self._publisher
+        follower = self._follower
+        applied = -1
         while True:
             due = cache.next_expiry()
             delay = 1.0 if due is None else min(1.0, max(0.0, (due - clock.now()) / 1000))
             await anyio.sleep(delay)
             cache.expire()
+            if follower is not None and follower.stats["applied"] == applied:
+                cache.settle()  # no event since the last turn: pack the recent ones
+            applied = follower.stats["applied"] if follower is not None else -1
             if cache.reload_wanted and self._reader is not None:
                 cache.reload_wanted = False
                 self._bloom_stats["reloads"] += 1

@@ -15,10 +15,10 @@ arrays instead:
   heavily): **32 bytes per address**, and the whole record comes back exact.
 * ``directory`` — where each /16 starts in ``index`` (65,537 offsets), so a
   lookup bisects a few entries, not a million.
-* ``overlay`` — changes since ``index`` was built (address -> entry, None =
-  removed), looked at first.  It is merged into a new ``index`` when it grows
-  past half of it (amortised O(1) per change; a merge is a sort of a sorted
-  run plus the new keys, done in C).
+* ``overlay`` — changes since ``index`` was built (address *text* -> entry,
+  None = removed: an event costs no parsing), looked at first.  It is merged
+  into a new ``index`` when it outgrows it (amortised O(1) per change; a
+  merge is a sort of a sorted run plus the new keys, done in C).
 
 The hot path never comes here for a miss: the cache's bloom filter answers
 "certainly not" first (see :mod:`banbus._cache`).
@@ -34,6 +34,8 @@ import socket
 import time
 from array import array
 from bisect import bisect_left
+from collections import Counter
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Final
 
 from ._model import Entry
@@ -44,8 +46,13 @@ if TYPE_CHECKING:
 __all__ = ["AddressStore"]
 
 _M32: Final = 0xFFFFFFFF
-#: The overlay is merged when it holds more than this, or a quarter of the index.
-_OVERLAY_MIN: Final = 65_536
+_AF_INET: Final = socket.AF_INET
+_pton: Final = socket.inet_pton
+_ntop: Final = socket.inet_ntop
+_from_bytes: Final = int.from_bytes
+#: The overlay is merged when it holds more than this and more than the index
+#: (or, smaller, when the node is idle: see BanCache.settle).
+_OVERLAY_MIN: Final = 262_144
 _TEXTS_MAX: Final = 1 << 31
 _MISSING: Final[Any] = object()
 
@@ -56,11 +63,25 @@ def _seconds(expires: int) -> int:
 
 
 class AddressStore:
-    """IPv4 address (int) -> :class:`~banbus._model.Entry`, in packed arrays."""
+    """IPv4 address (dotted-quad text) -> :class:`~banbus._model.Entry`, in packed arrays."""
 
     __slots__ = (
-        "compact", "count", "directory", "earliest", "expires", "index", "last_sweep", "limit",
-        "origins", "overlay", "reasons", "seqs", "shadowed", "text_ids", "texts",
+        "compact",
+        "count",
+        "directory",
+        "earliest",
+        "expires",
+        "filter",
+        "index",
+        "last_sweep",
+        "limit",
+        "origins",
+        "overlay",
+        "reasons",
+        "seqs",
+        "shadowed",
+        "text_ids",
+        "texts",
     )  # fmt: skip
 
     def __init__(self, compact: bool = False) -> None:
@@ -73,11 +94,16 @@ class AddressStore:
         self.origins = array("I")
         self.texts: list[str] = [""]
         self.text_ids: dict[str, int] = {"": 0}
-        self.overlay: dict[int, Entry | None] = {}
+        #: Address text -> entry (None: removed), changes since the index was built.
+        self.overlay: dict[str, Entry | None] = {}
         #: Overlay keys that are in the index too (a merge must filter the index).
         self.shadowed = 0
         #: The overlay is merged when it holds more than this.
         self.limit = _OVERLAY_MIN
+        #: The bloom filter in front of this store (the cache's), which a merge
+        #: fills with the overlay's addresses (until then the hot path looks at
+        #: the overlay itself).
+        self.filter: Any = None
         #: Addresses held (expired ones not swept yet included).
         self.count = 0
         #: No entry expires before this (server ms; 0: none expires).  A lower
@@ -96,7 +122,7 @@ class AddressStore:
     # -- reads ---------------------------------------------------------------------------
 
     def _position(self, value: int) -> int:
-        """Position of *value* in ``index``, or -1."""
+        """Position of the address int *value* in ``index``, or -1."""
         index = self.index
         if not index:
             return -1
@@ -110,100 +136,123 @@ class AddressStore:
             return i
         return -1
 
+    def _find(self, text: str) -> int:
+        """Position of the address *text* in ``index``, or -1."""
+        if not self.index:
+            return -1
+        try:
+            return self._position(_from_bytes(_pton(_AF_INET, text)))
+        except OSError:  # not an IPv4 address: not here
+            return -1
+
     def _entry_at(self, i: int) -> Entry:
         payload = self.index[i] & _M32
         if self.compact:
             return Entry(payload * 1000)
-        texts = self.texts
-        return Entry(
-            self.expires[payload],
-            texts[self.reasons[payload]],
-            texts[self.origins[payload]],
-            self.seqs[payload],
-        )
+        return self._entry_at_payload(payload)
 
-    def get(self, value: int) -> Entry | None:
-        """The entry of the address *value* (expired or not), or None."""
-        entry = self.overlay.get(value, _MISSING)
+    def get(self, text: str) -> Entry | None:
+        """The entry of the address *text* (expired or not), or None."""
+        entry = self.overlay.get(text, _MISSING)
         if entry is not _MISSING:
             return entry  # type: ignore[no-any-return]
-        i = self._position(value)
+        i = self._find(text)
         return None if i < 0 else self._entry_at(i)
 
-    def expires_of(self, value: int) -> int | None:
-        """The expiry (ms, 0 = permanent) of *value*, or None if absent."""
-        entry = self.overlay.get(value, _MISSING)
+    def expires_of(self, text: str) -> int | None:
+        """The expiry (ms, 0 = permanent) of *text*, or None if absent."""
+        entry = self.overlay.get(text, _MISSING)
         if entry is not _MISSING:
             return None if entry is None else entry.expires
-        i = self._position(value)
+        i = self._find(text)
         if i < 0:
             return None
         payload = self.index[i] & _M32
         return payload * 1000 if self.compact else self.expires[payload]
 
-    def __contains__(self, value: int) -> bool:
-        entry = self.overlay.get(value, _MISSING)
+    def __contains__(self, text: str) -> bool:
+        entry = self.overlay.get(text, _MISSING)
         if entry is not _MISSING:
             return entry is not None
-        return self._position(value) >= 0
+        return self._find(text) >= 0
 
-    def items(self) -> Iterator[tuple[int, Entry]]:
+    def items(self) -> Iterator[tuple[str, Entry]]:
         """Every (address, entry), overlay first (safe to iterate while changing)."""
         return self.snapshot()
 
-    def snapshot(self) -> Iterator[tuple[int, Entry]]:
-        """Every (address, entry) as of this call, even if the store changes while
-        the iterator is consumed (merges build new arrays; rows are never rewritten)."""
+    def snapshot(self) -> Iterator[tuple[str, Entry]]:
+        """Every (address text, entry) as of this call, even if the store changes
+        while the iterator is consumed (merges build new arrays; rows are never
+        rewritten)."""
         overlay = dict(self.overlay)
         index, compact, texts = self.index, self.compact, self.texts
         exps, seqs, reasons, origins = self.expires, self.seqs, self.reasons, self.origins
 
-        def rows() -> Iterator[tuple[int, Entry]]:
-            for value, entry in overlay.items():
+        def rows() -> Iterator[tuple[str, Entry]]:
+            for text, entry in overlay.items():
                 if entry is not None:
-                    yield value, entry
+                    yield text, entry
             for x in index:
-                value = x >> 32
-                if value in overlay:
+                text = _ntop(_AF_INET, (x >> 32).to_bytes(4, "big"))
+                if text in overlay:
                     continue
                 r = x & _M32
                 if compact:
-                    yield value, Entry(r * 1000)
+                    yield text, Entry(r * 1000)
                 else:
-                    yield value, Entry(exps[r], texts[reasons[r]], texts[origins[r]], seqs[r])
+                    yield text, Entry(exps[r], texts[reasons[r]], texts[origins[r]], seqs[r])
 
         return rows()
 
-    def keys(self) -> list[int]:
+    def expiries(self) -> Iterator[tuple[str, int]]:
+        """Every (address text, expiry ms) as of this call (see :meth:`snapshot`):
+        what the digest needs, without building entries."""
+        overlay = dict(self.overlay)
+        index, compact, exps = self.index, self.compact, self.expires
+        ntop, af = _ntop, _AF_INET
+
+        def rows() -> Iterator[tuple[str, int]]:
+            for text, entry in overlay.items():
+                if entry is not None:
+                    yield text, entry.expires
+            for x in index:
+                text = ntop(af, (x >> 32).to_bytes(4, "big"))
+                if text not in overlay:
+                    r = x & _M32
+                    yield text, r * 1000 if compact else exps[r]
+
+        return rows()
+
+    def keys(self) -> list[str]:
+        """The address texts held."""
         overlay = self.overlay
-        out = [v for v, e in overlay.items() if e is not None]
-        out += (
-            [x >> 32 for x in self.index if x >> 32 not in overlay]
-            if overlay
-            else [x >> 32 for x in self.index]
-        )
+        ntop, af = _ntop, _AF_INET
+        out = [t for t, e in overlay.items() if e is not None]
+        base = [ntop(af, (x >> 32).to_bytes(4, "big")) for x in self.index]
+        out += [t for t in base if t not in overlay] if overlay else base
         return out
 
     # -- writes --------------------------------------------------------------------------
 
-    def put(self, value: int, entry: Entry, *, fresh: bool = False) -> Entry | None:
-        """Store *entry* for *value*; return the entry it replaces (None: new).
+    def put(self, text: str, entry: Entry, *, fresh: bool = False) -> Entry | None:
+        """Store *entry* for the address *text*; return the entry it replaces (None: new).
 
-        *fresh*: the caller knows *value* is not in the index (its bloom filter
+        *fresh*: the caller knows *text* is not in the index (its bloom filter
         said so), which spares the lookup.  Compact: only the expiry is kept,
         rounded up to the second, from now on.
         """
         if self.compact:
             entry = Entry(-(-entry.expires // 1000) * 1000)
         overlay = self.overlay
-        before = overlay.get(value, _MISSING)
-        if before is _MISSING and fresh:
-            before = None
-        elif before is _MISSING:
-            i = self._position(value)
-            before = None if i < 0 else self._entry_at(i)
-            self.shadowed += i >= 0
-        overlay[value] = entry
+        before = overlay.get(text, _MISSING)
+        if before is _MISSING:
+            if fresh:
+                before = None
+            else:
+                i = self._find(text)
+                before = None if i < 0 else self._entry_at(i)
+                self.shadowed += i >= 0
+        overlay[text] = entry
         if before is None:
             self.count += 1
         expires = entry.expires
@@ -213,23 +262,23 @@ class AddressStore:
             self.merge()
         return before  # type: ignore[no-any-return]
 
-    def pop(self, value: int) -> Entry | None:
-        """Remove *value*; return its entry, or None if it was absent."""
+    def pop(self, text: str) -> Entry | None:
+        """Remove the address *text*; return its entry, or None if it was absent."""
         overlay = self.overlay
-        before = overlay.get(value, _MISSING)
+        before = overlay.get(text, _MISSING)
         if before is _MISSING:
-            i = self._position(value)
+            i = self._find(text)
             if i < 0:
                 return None
             before = self._entry_at(i)
-            overlay[value] = None
+            overlay[text] = None
             self.shadowed += 1
         elif before is None:
             return None
-        elif self._position(value) >= 0:
-            overlay[value] = None
+        elif self._find(text) >= 0:
+            overlay[text] = None
         else:
-            del overlay[value]
+            del overlay[text]
         self.count -= 1
         return before  # type: ignore[no-any-return]
 
@@ -272,88 +321,77 @@ class AddressStore:
         self.count = len(vals)
         self._directory()
 
-    def merge(self, now: int | None = None) -> list[tuple[int, Entry]]:
+    def merge(self, now: int | None = None) -> list[tuple[str, Entry]]:
         """Fold the overlay into a new index; with *now*, also drop the entries
-        expired at *now* (server ms) and return them."""
-        overlay = self.overlay
+        expired at *now* (server ms) and return them (address text, entry)."""
+        pton, af, from_bytes = _pton, _AF_INET, _from_bytes
+        overlay: dict[int, Entry | None] = (
+            {from_bytes(pton(af, t)): e for t, e in self.overlay.items()}
+            if self.shadowed or now is not None
+            else {}
+        )
         index = self.index
-        expired: list[tuple[int, Entry]] = []
-        if self.compact:
-            if now is None:
-                vals = (
-                    [x for x in index if x >> 32 not in overlay]
-                    if self.shadowed
-                    else index.tolist()
-                )
-            else:
-                limit = now // 1000  # expired: 0 < seconds * 1000 <= now
-                vals = []
-                keep = vals.append
-                for x in index:
-                    s = x & _M32
-                    if s and s <= limit:
-                        if x >> 32 not in overlay:
-                            expired.append((x >> 32, Entry(s * 1000)))
-                    elif x >> 32 not in overlay:
-                        keep(x)
-            for value, entry in overlay.items():
-                if entry is None:
-                    continue
-                if now is not None and entry.expires and entry.expires <= now:
-                    expired.append((value, entry))
-                    continue
-                vals.append(value << 32 | -(-entry.expires // 1000))
+        gone: list[tuple[int, Entry]] = []
+        compact = self.compact
+        exps = self.expires
+        if now is None:
+            vals = [x for x in index if x >> 32 not in overlay] if self.shadowed else index.tolist()
         else:
-            exps = self.expires
-            if now is None:
-                vals = (
-                    [x for x in index if x >> 32 not in overlay]
-                    if self.shadowed
-                    else index.tolist()
-                )
-            else:
-                vals = []
-                keep = vals.append
-                for x in index:
-                    e = exps[x & _M32]
-                    if e and e <= now:
-                        if x >> 32 not in overlay:
-                            expired.append((x >> 32, self._entry_at_payload(x & _M32)))
-                    elif x >> 32 not in overlay:
-                        keep(x)
+            vals = []
+            keep = vals.append
+            limit = now // 1000  # compact: expired when 0 < seconds <= now // 1000
+            for x in index:
+                payload = x & _M32
+                e = payload if compact else exps[payload]
+                if e and e <= (limit if compact else now):
+                    if x >> 32 not in overlay:
+                        gone.append((x >> 32, self._entry_at_payload(payload)))
+                elif x >> 32 not in overlay:
+                    keep(x)
+        if overlay or now is not None:
             live = [
                 (value, entry)
                 for value, entry in overlay.items()
                 if entry is not None and (now is None or not entry.expires or entry.expires > now)
             ]
-            if now is not None:
-                expired += [
-                    (v, e) for v, e in overlay.items() if e is not None and e.expires
-                    and e.expires <= now
-                ]  # fmt: skip
+        else:  # nothing shadowed: every overlay entry is a new address (or None)
+            live = [(from_bytes(pton(af, t)), e) for t, e in self.overlay.items() if e is not None]
+        if now is not None:
+            gone += [
+                (v, e) for v, e in overlay.items() if e is not None and e.expires
+                and e.expires <= now
+            ]  # fmt: skip
+        if compact:
+            vals += [value << 32 | -(-entry.expires // 1000) for value, entry in live]
+        else:
             vals += [value << 32 | i for i, (value, _) in enumerate(live, len(exps))]
             self._append_rows([entry for _, entry in live])
         vals.sort()
         self.index = array("Q", vals)
-        self.overlay = {}
+        if self.filter is not None:
+            self.filter.update([t for t, e in self.overlay.items() if e is not None])
+        self.overlay.clear()  # the same dict: the cache's hot path holds it
         self.shadowed = 0
         self.limit = max(_OVERLAY_MIN, len(vals))
         self.count = len(vals)
-        if not self.compact and len(self.expires) > 2 * len(vals) + _OVERLAY_MIN:
+        if not compact and len(self.expires) > 2 * len(vals) + _OVERLAY_MIN:
             self._compact_rows()
         if now is not None:
             self.earliest = self._earliest()
         self._directory()
-        return expired
+        ntop = _ntop
+        return [(ntop(af, v.to_bytes(4, "big")), e) for v, e in gone]
 
-    def sweep(self, now: int) -> list[tuple[int, Entry]]:
-        """Drop every entry expired at *now*; return them (address, entry)."""
+    def sweep(self, now: int) -> list[tuple[str, Entry]]:
+        """Drop every entry expired at *now*; return them (address text, entry)."""
         self.last_sweep = time.monotonic()
         if not self.earliest or self.earliest > now:
             return []
         return self.merge(now)
 
     def _entry_at_payload(self, row: int) -> Entry:
+        if self.compact:
+            return Entry(row * 1000)
         texts = self.texts
         return Entry(self.expires[row], texts[self.reasons[row]], texts[self.origins[row]],
                      self.seqs[row])  # fmt: skip
@@ -377,12 +415,14 @@ class AddressStore:
         self.index = array("Q", [x >> 32 << 32 | i for i, x in enumerate(index)])
 
     def _directory(self) -> None:
+        """directory[t] = where the /16 *t* starts in the index."""
         index = self.index
-        d = self.directory
-        if not index:
-            d[:] = array("I", bytes(65537 * d.itemsize))
+        if len(index) > 400_000:  # bisecting 65,537 times is cheaper than counting
+            self.directory = array("I", [bisect_left(index, t << 48) for t in range(65537)])
             return
-        d[:] = array("I", [bisect_left(index, top << 48) for top in range(65537)])
+        counts = Counter([x >> 48 for x in index])
+        get = counts.get
+        self.directory = array("I", accumulate((get(t, 0) for t in range(65536)), initial=0))
 
     def clear(self) -> None:
         self.__init__(self.compact)  # type: ignore[misc]

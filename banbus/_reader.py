@@ -248,7 +248,6 @@ class Reader:
             self._publisher.installed(snap.seq, snap.epoch)
             self._reseeder.hold(candidates, since)
             self._antientropy.reloaded()
-            self._spawn(self._recompute)
             # A lifted allowlist entry may expose banned connections too.
             newly += allowed_before - cache.allow_targets()
             if not first:
@@ -264,6 +263,9 @@ class Reader:
                 continue
             while True:
                 if await follower.follow(conn, until=head_id) == "caught_up":
+                    # The digest of the view, in the background once the node is
+                    # up to date (a chunk per loop iteration; see BanCache.recompute).
+                    self._spawn(self._recompute)
                     return
                 verdict = self._judge(await follower.verify(conn))
                 if verdict is not None:

@@ -46,28 +46,32 @@ def test_store_behaves_like_a_dict(
     def shape(expires: int) -> int:
         return -(-expires // 1000) * 1000 if compact else expires
 
+    def text(value: int) -> str:
+        return str(ipaddress.IPv4Address(value << 20))
+
     store = AddressStore(compact)
-    model: dict[int, int] = {}
+    model: dict[str, int] = {}
     rows = [Entry(NOW + 3_600_000, "r", "o", i) for i in range(len(preload))]
-    store.load(preload, rows)
-    model.update({v: shape(NOW + 3_600_000) for v in preload})
+    store.load([v << 20 for v in preload], rows)
+    model.update({text(v): shape(NOW + 3_600_000) for v in preload})
     for op, value, ttl in ops:
+        address = text(value)
         if op == "put":
             expires = now + ttl if ttl else 0
-            before = store.put(value << 20, Entry(expires, "why", "me", 7))
-            assert (before is None) == (value << 20 not in model)
-            model[value << 20] = shape(expires)
+            before = store.put(address, Entry(expires, "why", "me", 7))
+            assert (before is None) == (address not in model)
+            model[address] = shape(expires)
         elif op == "pop":
-            gone = store.pop(value << 20)
-            assert (gone is None) == (value << 20 not in model)
-            model.pop(value << 20, None)
+            gone = store.pop(address)
+            assert (gone is None) == (address not in model)
+            model.pop(address, None)
         elif op == "merge":
             store.merge()
         else:
             now += ttl
             for v, _ in store.sweep(now):
                 assert model.pop(v) <= now
-        for v in {value << 20, *model}:
+        for v in {address, *model}:
             assert store.expires_of(v) == model.get(v)
             assert (v in store) == (v in model)
         assert len(store) == len(model)
