@@ -116,6 +116,7 @@ def measure_is_banned(n: int, n_nets: int, *, quick: bool) -> dict[str, Any]:
     cache = node.cache
     t0 = time.perf_counter()
     exact, nets = build(cache, n, n_nets)
+    cache.settle()  # pack the recent changes, as a node does once idle
     build_s = time.perf_counter() - t0
     exact_set = set(exact)
     rng = random.Random(11)
