@@ -110,7 +110,7 @@ def _v4(target: str) -> int | None:
         return None
     try:
         return _from_bytes(_pton(_AF_INET, target))
-    except OSError:
+    except (OSError, ValueError):
         return None
 
 
@@ -316,10 +316,10 @@ class _Table:
             yield ip
         try:
             value = _from_bytes(_pton(_AF_INET, ip))
-        except OSError:
+        except (OSError, ValueError):
             try:
                 value = _from_bytes(_pton(_AF_INET6, ip))
-            except OSError:
+            except (OSError, ValueError):
                 return
             for plen in self.v6_lengths:
                 target = self.v6[plen].get(value >> (128 - plen))
@@ -483,7 +483,7 @@ class BanCache:
         if self._v4_lengths:
             try:
                 packed = _pton(_AF_INET, ip)
-            except OSError:
+            except (OSError, ValueError):
                 return self._slow(ip)
             if self._filter[packed[0] << 8 | packed[1]]:
                 target = self._bans.match_v4(_from_bytes(packed))
@@ -513,7 +513,7 @@ class BanCache:
         if self._v6_lengths:
             try:
                 value = _from_bytes(_pton(_AF_INET6, ip))
-            except OSError:
+            except (OSError, ValueError):
                 return False
             target = self._bans.match_v6(value)
             return target is not None and self._confirm(target, ip)

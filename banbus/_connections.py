@@ -207,11 +207,11 @@ def _parse_peer(ip: str) -> tuple[str, int, int] | None:
     peer = normalize_peer(ip)
     try:
         return peer, _AF_INET, _from_bytes(_pton(_AF_INET, peer))
-    except OSError:
+    except (OSError, ValueError):
         pass
     try:
         return peer, _AF_INET6, _from_bytes(_pton(_AF_INET6, peer))
-    except OSError:
+    except (OSError, ValueError):
         return None
 
 

@@ -66,7 +66,7 @@ import msgspec
 
 from ._exceptions import InvalidInput
 from ._model import Ban, Clear, Notice, TargetEvent, Unban, ban_fields, decode_flat
-from ._targets import parse_target
+from ._targets import STRICT_PTON, parse_target
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -111,7 +111,7 @@ def valid_target(target: str) -> bool:
     try:
         if _ntop(_AF_INET, _pton(_AF_INET, target)) == target:
             return True  # the common case: a canonical IPv4 address, no parsing
-    except OSError:
+    except (OSError, ValueError):
         pass
     try:
         return parse_target(target, force=True).text == target
@@ -321,7 +321,7 @@ class Follower:
         # checked per event only then.)
         watching = bool(slots_b or slots_a or held_b or held_a)
         forged = self._forged
-        ntop, pton, af = _ntop, _pton, _AF_INET
+        ntop, pton, af, strict = _ntop, _pton, _AF_INET, STRICT_PTON
         now = self._clock.now()
         seq = self.seq
         cursor = self.cursor
@@ -339,8 +339,9 @@ class Follower:
             if fast is not None and fast[6] == seq + 1:
                 is_ban, target, expires, reason, origin, eid, seq_ = fast
                 try:
-                    canonical = ntop(af, pton(af, target)) == target
-                except OSError:
+                    packed = pton(af, target)
+                    canonical = strict or ntop(af, packed) == target
+                except (OSError, ValueError):
                     canonical = False
                 if canonical:
                     if store(is_ban, target, expires, reason, origin, seq_, now) and notify:

@@ -142,7 +142,7 @@ class AddressStore:
             return -1
         try:
             return self._position(_from_bytes(_pton(_AF_INET, text)))
-        except OSError:  # not an IPv4 address: not here
+        except (OSError, ValueError):  # not an IPv4 address: not here
             return -1
 
     def _entry_at(self, i: int) -> Entry:
@@ -287,11 +287,9 @@ class AddressStore:
         self.expires.extend([e.expires for e in entries])
         self.seqs.extend([e.seq for e in entries])
         text, ids = self._text, self.text_ids
-        for e in entries:  # the distinct texts first (a handful, usually)
-            if e.reason not in ids:
-                text(e.reason)
-            if e.origin not in ids:
-                text(e.origin)
+        # The distinct texts first (a handful, usually).
+        for new in ({e.reason for e in entries} | {e.origin for e in entries}) - ids.keys():
+            text(new)
         self.reasons.extend([ids[e.reason] for e in entries])
         self.origins.extend([ids[e.origin] for e in entries])
 

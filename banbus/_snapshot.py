@@ -34,6 +34,7 @@ import msgspec
 
 from ._follower import valid_target
 from ._model import Entry, entries_decoder, entry_decoder
+from ._targets import STRICT_PTON
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -104,7 +105,7 @@ async def _scan(
     """The entries of the hash *key*: a list of (target, entry), or *into*
     filled (expired entries left out there)."""
     out: list[tuple[str, Entry]] = [] if into is None else into.others
-    ntop, pton, af, from_bytes = _ntop, _pton, _AF_INET, int.from_bytes
+    ntop, pton, af, from_bytes, strict = _ntop, _pton, _AF_INET, int.from_bytes, STRICT_PTON
     future = conn.call("HSCAN", key, "0", "COUNT", count)
     while True:
         with anyio.fail_after(timeout):
@@ -131,7 +132,7 @@ async def _scan(
             try:
                 # The common case: a canonical IPv4 address, checked without parsing.
                 packed = pton(af, target)
-                if ntop(af, packed) == target:
+                if strict or ntop(af, packed) == target:
                     if into is None:
                         append((target, entry))
                     elif not entry.expires or entry.expires > now:
@@ -139,7 +140,7 @@ async def _scan(
                         ints.append(from_bytes(packed, "big"))
                         rows.append(entry)
                     continue
-            except OSError:
+            except (OSError, ValueError):
                 pass
             if valid_target(target):
                 append((target, entry))

@@ -36,12 +36,31 @@ __all__ = [
     "DEFAULT_MIN_PREFIX_V4",
     "DEFAULT_MIN_PREFIX_V6",
     "MAX_TARGET_LENGTH",
+    "STRICT_PTON",
     "Target",
     "format_target",
     "parse_target",
 ]
 
 _MAPPED_NET: Final = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _strict_pton() -> bool:
+    """True if this platform's ``inet_pton(AF_INET, …)`` accepts only canonical
+    dotted quads (glibc does: no leading zeros, no short forms, no spaces), so
+    that a successful parse proves a text canonical without formatting it back."""
+    for text in ("01.2.3.4", "1.2.3.04", "1.2.3", "1.2.3.4.5", " 1.2.3.4", "1.2.3.4 ", "0x1.2.3.4",
+                 "1.2.3.256", "00.0.0.0", "1.2.3.4\x00"):  # fmt: skip
+        try:
+            socket.inet_pton(socket.AF_INET, text)
+        except (OSError, ValueError):
+            continue
+        return False
+    return True
+
+
+#: See _strict_pton: the per-event and per-row checks of IPv4 text skip ``inet_ntop``.
+STRICT_PTON: Final = _strict_pton()
 
 
 class Target(NamedTuple):
@@ -169,7 +188,7 @@ def normalize_peer(ip: str) -> str:
     head = ip.partition("%")[0]
     try:
         packed = socket.inet_pton(socket.AF_INET6, head)
-    except OSError:
+    except (OSError, ValueError):
         return ip
     if packed[:12] == b"\0\0\0\0\0\0\0\0\0\0\xff\xff":
         return socket.inet_ntop(socket.AF_INET, packed[12:])

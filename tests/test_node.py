@@ -438,6 +438,8 @@ async def test_malformed_stream_entries_are_skipped(
             {"op": "ban", "target": "192.0.2.4", "expires": "0", "origin": "evil"},
             {"op": "ban", "target": "not-an-ip", "seq": nxt},
             {"op": "ban", "target": "192.0.2.5", "expires": "-5", "seq": nxt},
+            # inet_pton raises ValueError (not OSError) on an embedded NUL.
+            {"op": "ban", "target": "192.0.2.6\x00", "expires": "0", "seq": nxt},
         ]
         for fields in garbage:
             await admin.xadd(log, fields)  # type: ignore[arg-type]
@@ -446,7 +448,8 @@ async def test_malformed_stream_entries_are_skipped(
         await synced(record.seq, a, b)
         for node in (a, b):
             assert node.is_banned("192.0.2.9")
-            for ip in ("192.0.2.2", "192.0.2.3", "192.0.2.4", "192.0.2.5", "8.8.8.8"):
+            for ip in ("192.0.2.2", "192.0.2.3", "192.0.2.4", "192.0.2.5", "192.0.2.6",
+                       "192.0.2.6\x00", "8.8.8.8"):  # fmt: skip
                 assert not node.is_banned(ip), (node, ip)
             stats = node.statistics()
             assert stats.events_skipped == len(garbage)
@@ -1084,12 +1087,15 @@ async def test_malformed_record_value_is_skipped_not_fatal(
         await a.ban("10.0.0.2")
     await admin.hset(f"{{{namespace}}}:bans", "10.0.0.3", '[0,"x","y",1],[0,"x","y",2]')
     await admin.hset(f"{{{namespace}}}:bans", "0.0.0.0/0", '[0,"x","y",3]')
-    async with nodes(redis_url, namespace, 1) as (b,):
-        assert b.is_banned("10.0.0.1")
-        assert b.is_banned("10.0.0.2")
-        assert not b.is_banned("10.0.0.3")
-        assert not b.is_banned("8.8.8.8")  # the /0 record was refused
-        assert b.statistics().events_skipped == 2
+    await admin.hset(f"{{{namespace}}}:bans", "10.0.0.4\x00", '[0,"x","y",4]')
+    for mode in ("full", "compact", "bloom"):
+        async with nodes(redis_url, namespace, 1, cache=mode) as (b,):
+            assert b.is_banned("10.0.0.1") or await b.check("10.0.0.1")
+            assert await b.check("10.0.0.2")
+            assert not b.is_banned("10.0.0.3")
+            assert not b.is_banned("10.0.0.4") and not b.is_banned("10.0.0.4\x00")
+            assert not b.is_banned("8.8.8.8")  # the /0 record was refused
+            assert b.statistics().events_skipped == 3, mode
 
 
 @pytest.mark.real_redis
