@@ -200,8 +200,9 @@ class _Table:
         #: Prefix lengths in use, longest first (so a lookup finds the most specific).
         self.v4_lengths: list[int] = []
         self.v6_lengths: list[int] = []
-        #: How many IPv4 networks overlap each /16.
-        self.filter16 = array("L", bytes(65536 * array("L").itemsize))
+        #: How many IPv4 networks overlap each /16 (allocated with the first
+        #: network, in place: the cache binds this very array).
+        self.filter16 = array("I")
 
     def __len__(self) -> int:
         if self.bloom_only:
@@ -286,6 +287,8 @@ class _Table:
         first = network >> 16
         last = first if plen >= 16 else first + (1 << (16 - plen)) - 1
         filt = self.filter16
+        if not filt:
+            filt.frombytes(bytes(65536 * filt.itemsize))
         for slot in range(first, last + 1):
             filt[slot] += delta
 
@@ -326,7 +329,7 @@ class _Table:
                 if target is not None:
                     yield target
             return
-        if self.filter16[value >> 16]:
+        if self.v4_lengths and self.filter16[value >> 16]:
             for plen in self.v4_lengths:
                 target = self.v4[plen].get(value >> (32 - plen))
                 if target is not None:

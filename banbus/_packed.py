@@ -87,7 +87,7 @@ class AddressStore:
     def __init__(self, compact: bool = False) -> None:
         self.compact = compact
         self.index = array("Q")
-        self.directory = array("I", bytes(65537 * array("I").itemsize))
+        self.directory = array("I")  # built with the index (see _directory)
         self.expires = array("q")
         self.seqs = array("q")
         self.reasons = array("I")
@@ -415,6 +415,9 @@ class AddressStore:
     def _directory(self) -> None:
         """directory[t] = where the /16 *t* starts in the index."""
         index = self.index
+        if not index:
+            self.directory = array("I")
+            return
         if len(index) > 400_000:  # bisecting 65,537 times is cheaper than counting
             self.directory = array("I", [bisect_left(index, t << 48) for t in range(65537)])
             return
@@ -441,8 +444,9 @@ class BulkLoad:
         self.store = AddressStore(compact)
         #: False (bloom mode): only the texts and the filter, no columns.
         self.keep = keep
-        #: address << 32 | payload (see AddressStore.index), in sorted runs.
-        self.keys: list[int] = []
+        #: address << 32 | payload (see AddressStore.index), in sorted runs
+        #: (packed: no int object per row while the scan goes on).
+        self.keys = array("Q")
         self.texts: list[str] = []
         self.others: list[tuple[str, Entry]] = []
         #: A bloom filter being filled (None: addresses are not kept in one here).
@@ -463,7 +467,7 @@ class BulkLoad:
         if earliest and (not store.earliest or earliest < store.earliest):
             store.earliest = earliest
         run.sort()
-        self.keys += run
+        self.keys.extend(run)
         self.texts += texts
         if self.prefilter is not None:
             self.prefilter.filter.update(texts)
@@ -489,7 +493,8 @@ class BulkLoad:
         """The store, with its index (duplicate rows — HSCAN may repeat a field —
         resolved: the last one wins)."""
         store = self.store
-        keys = self.keys
+        keys = self.keys.tolist()
+        self.keys = array("Q")
         if len(set(self.texts)) != len(self.texts):
             last: dict[int, int] = {}
             for x in keys:
@@ -497,8 +502,8 @@ class BulkLoad:
             keys = list(last.values())
         keys.sort()
         store.index = array("Q", keys)
-        store.limit = max(_OVERLAY_MIN, len(keys))
-        store.count = len(keys)
+        del keys
+        store.limit = max(_OVERLAY_MIN, len(store.index))
+        store.count = len(store.index)
         store._directory()
-        self.keys = []
         return store
