@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
@@ -17,6 +18,11 @@ from banbus._model import Ban, Entry, Unban
 from banbus._packed import AddressStore, BulkLoad
 
 from ._helpers import eventually, nodes
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from banbus._servers import RedisProcess
 
 NOW = 1_800_000_000_000
 
@@ -228,3 +234,22 @@ async def test_bloom_node_reloads_when_asked_and_rejects_a_state_file(
             await eventually(lambda: b.statistics().resyncs == 1, 10.0, "reload")
             assert b.statistics().bloom_reloads == 1
             assert await b.check("203.0.113.5")
+
+
+@pytest.mark.real_redis
+@pytest.mark.anyio
+async def test_bloom_node_counts_a_maybe_it_cannot_confirm_as_banned(
+    redis_factory: Callable[..., RedisProcess], namespace: str
+) -> None:
+    """Redis gone: check() answers a maybe as banned (and says so in the counters);
+    a certain "no" needs no Redis."""
+    proc = redis_factory()
+    async with nodes(proc.url, namespace, 1) as (a,):
+        await a.ban("203.0.113.70")
+    async with Node(proc.url, namespace=namespace, node_id="bloom", cache="bloom",
+                    backoff=(0.02, 0.1), heartbeat_interval=0) as b:  # fmt: skip
+        proc.stop()
+        assert await b.check("203.0.113.70")
+        assert not await b.check("192.0.2.200")
+        stats = b.statistics()
+        assert stats.bloom_unconfirmed == 1 and stats.bloom_confirmations == 0
