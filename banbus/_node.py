@@ -440,14 +440,8 @@ class Node:
         cache = self._cache
         if not cache.pending(ip):
             return cache.is_banned(ip)
-        try:
-            entry = await self._fetch_record(ip)
-        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
-            self._bloom_stats["unconfirmed"] += 1
-            log.warning("banbus: %s could not confirm %s against the record (%s): banned",
-                        self.node_id, ip, exc)  # fmt: skip
+        if not await self._confirm(ip):
             return True
-        self._confirmed(ip, entry)
         return cache.is_banned(ip)
 
     def _confirm_later(self, ip: str) -> None:
@@ -459,15 +453,21 @@ class Node:
 
     async def _confirm_task(self, ip: str) -> None:
         try:
+            await self._confirm(ip)
+        finally:
+            self._confirming.discard(ip)
+
+    async def _confirm(self, ip: str) -> bool:
+        """Look *ip* up in the record and keep the answer; False if Redis could not say."""
+        try:
             entry = await self._fetch_record(ip)
         except (redis_errors.RedisError, OSError, TimeoutError) as exc:
             self._bloom_stats["unconfirmed"] += 1
-            log.warning("banbus: %s could not confirm %s against the record: %s",
-                        self.node_id, ip, exc)  # fmt: skip
-        else:
-            self._confirmed(ip, entry)
-        finally:
-            self._confirming.discard(ip)
+            log.warning("banbus: %s could not confirm %s against the record (%s); a check() "
+                        "counts it as banned", self.node_id, ip, exc)  # fmt: skip
+            return False
+        self._confirmed(ip, entry)
+        return True
 
     def _confirmed(self, ip: str, entry: Entry | None) -> None:
         stats = self._bloom_stats
