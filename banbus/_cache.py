@@ -904,10 +904,18 @@ class BanCache:
 
     def settle(self) -> None:
         """Pack recent changes now (the node calls this when it is idle): an
-        event burst is absorbed in the stores' overlays and packed later."""
+        event burst is absorbed in the stores' overlays and packed later, and
+        a filter nearing its capacity is grown before the next burst."""
         for table in (self._bans, self._allow):
             if len(table.store.overlay) > 4096:
                 table.store.merge()
+        prefilter = self._bans.prefilter
+        if not self._bans.bloom_only and prefilter is not None and (
+            4 * prefilter.added > 3 * prefilter.capacity or 4 * prefilter.stale > prefilter.capacity
+        ):
+            # Three quarters full (or worn): grow it now rather than mid-burst.
+            self._bans.build_prefilter()
+            self._bind()
 
     def clear(self) -> None:
         """Drop everything (the digest of an empty view is known: zero)."""
