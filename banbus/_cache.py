@@ -904,14 +904,22 @@ class BanCache:
 
     def settle(self) -> None:
         """Pack recent changes now (the node calls this when it is idle): an
-        event burst is absorbed in the stores' overlays and packed later, and
-        a filter nearing its capacity is grown before the next burst."""
+        event burst is absorbed in the stores' overlays and packed later, its
+        digest bookkeeping done first, and a filter nearing its capacity is
+        grown before the next burst."""
+        if self._digest is not None and self.pending_changes:
+            self._fold()  # while the changed targets are still in the overlays: cheaper
         for table in (self._bans, self._allow):
             if len(table.store.overlay) > 4096:
                 table.store.merge()
         prefilter = self._bans.prefilter
-        if not self._bans.bloom_only and prefilter is not None and (
-            4 * prefilter.added > 3 * prefilter.capacity or 4 * prefilter.stale > prefilter.capacity
+        if (
+            not self._bans.bloom_only
+            and prefilter is not None
+            and (
+                4 * prefilter.added > 3 * prefilter.capacity
+                or 4 * prefilter.stale > prefilter.capacity
+            )
         ):
             # Three quarters full (or worn): grow it now rather than mid-burst.
             self._bans.build_prefilter()
