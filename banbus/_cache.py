@@ -903,18 +903,25 @@ class BanCache:
         return bulk.texts
 
     def settle(self) -> None:
-        """Pack recent changes now (the node calls this when it is idle): an
-        event burst is absorbed in the stores' overlays and packed later, its
-        digest bookkeeping done first, and a filter nearing its capacity is
-        grown before the next burst."""
-        if self._digest is not None and self.pending_changes:
-            self._fold()  # while the changed targets are still in the overlays: cheaper
-        for table in (self._bans, self._allow):
-            if len(table.store.overlay) > 4096:
-                table.store.merge()
-        prefilter = self._bans.prefilter
+        """Pack recent changes when there are enough of them; the follower calls
+        this each time it has caught up with the stream (the node is idle).
+
+        An event burst is absorbed in the stores' overlays and packed after it,
+        the digest's bookkeeping done first (cheaper while the targets are
+        still in the overlays), and a filter nearing its capacity is grown
+        before the next burst.  Cheap when there is nothing to do.
+        """
+        bans, allow = self._bans, self._allow
+        due = [t.store for t in (bans, allow)
+               if len(t.store.overlay) > max(4096, len(t.store.index) >> 3)]  # fmt: skip
+        if due:
+            if self._digest is not None and self.pending_changes:
+                self._fold()
+            for store in due:
+                store.merge()
+        prefilter = bans.prefilter
         if (
-            not self._bans.bloom_only
+            not bans.bloom_only
             and prefilter is not None
             and (
                 4 * prefilter.added > 3 * prefilter.capacity
@@ -922,7 +929,7 @@ class BanCache:
             )
         ):
             # Three quarters full (or worn): grow it now rather than mid-burst.
-            self._bans.build_prefilter()
+            bans.build_prefilter()
             self._bind()
 
     def clear(self) -> None:

@@ -173,6 +173,9 @@ class Follower:
         self.digest_due: Callable[[], bool] = lambda: False
         #: Does anybody listen to ban notifications?  (Skips the call when not.)
         self.listening: Callable[[], bool] = lambda: True
+        #: Called each time the follower has caught up and waits on a blocking
+        #: read (the node's cache packs its recent changes then).
+        self.idle: Callable[[], None] = lambda: None
         self.stats = dict.fromkeys(
             ("applied", "skipped", "own", "forged", "notices", "would_ban"), 0
         )
@@ -224,7 +227,7 @@ class Follower:
         """
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Outcome] = loop.create_future()
-        key, batch, block = self._keys.log, self.batch, self._block_ms
+        key, batch, block_ms = self._keys.log, self.batch, self._block_ms
         last_reply = [time.monotonic()]
 
         def finish(result: Outcome | BaseException) -> None:
@@ -240,7 +243,7 @@ class Follower:
 
         def send(cursor: str, blocking: bool) -> None:
             if blocking:
-                future = conn.call("XREAD", "COUNT", batch, "BLOCK", block, "STREAMS", key,
+                future = conn.call("XREAD", "COUNT", batch, "BLOCK", block_ms, "STREAMS", key,
                                    cursor, sink=on_block)  # fmt: skip
             else:
                 future = conn.call("XREAD", "COUNT", batch, "STREAMS", key, cursor,
@@ -250,7 +253,9 @@ class Follower:
         def next_read() -> None:
             if until is not None:
                 finish("caught_up")  # the stream has nothing more right now
-            elif not self.epoch and self.seq and self._probed != self.seq:
+                return
+            self.idle()  # caught up with the stream: the node's housekeeping
+            if not self.epoch and self.seq and self._probed != self.seq:
                 # Learn the epoch of a namespace created since we started
                 # (once per position: verify() adopts it when it can).
                 self._probed = self.seq
@@ -292,7 +297,7 @@ class Follower:
         if until is not None and id_le(until, self.cursor):
             return "caught_up"
         send(self.cursor, until is None and not self.digest_due())
-        limit = block / 1000 + 5.0
+        limit = block_ms / 1000 + 5.0
         try:
             while True:
                 await asyncio.wait([done], timeout=limit)

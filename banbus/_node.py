@@ -366,6 +366,7 @@ class Node:
             block_ms=self._block_ms,
         )  # fmt: skip
         follower.listening = lambda: bool(self._listeners)
+        follower.idle = cache.settle
         self._antientropy = antientropy = AntiEntropy(
             keys, cache=cache, publisher=publisher, reseeder=reseeder, follower=follower,
             clock=clock, interval=self._check_interval or 1.0, enabled=self._check_interval > 0,
@@ -877,16 +878,11 @@ class Node:
     async def _expiry_task(self) -> None:
         assert self._publisher is not None
         cache, clock, publisher = self._cache, self._clock, self._publisher
-        follower = self._follower
-        applied = -1
         while True:
             due = cache.next_expiry()
             delay = 1.0 if due is None else min(1.0, max(0.0, (due - clock.now()) / 1000))
             await anyio.sleep(delay)
             cache.expire()
-            if follower is not None and follower.stats["applied"] == applied:
-                cache.settle()  # no event since the last turn: pack the recent ones
-            applied = follower.stats["applied"] if follower is not None else -1
             if cache.reload_wanted and self._reader is not None:
                 cache.reload_wanted = False
                 self._bloom_stats["reloads"] += 1

@@ -103,6 +103,7 @@ async def run_apply(ctx: Context) -> list[Result]:
             start = r * n
             sentinel = ip_of(exact_value(start + n - 1))
             await node.request("record", all=False, target=sentinel)
+            before_stats = await node.request("stats")
             before = last_id(ctx.url, key)
             os.kill(node.pid, signal.SIGSTOP)
             try:
@@ -114,11 +115,13 @@ async def run_apply(ctx: Context) -> list[Result]:
                 os.kill(node.pid, signal.SIGCONT)
             reply = await node.request("wait_sentinel", wait=120.0, timeout=130.0)
             seconds = (reply["t"] - t0) / 1e9
+            packed = (before_stats["cache"], reply["stats"]["cache"])
             (long_rates if long_id else rates).append(n / seconds)
             ctx.log(
                 f"  round {r + 1}{' (40-character node id)' if long_id else ''}: burst written "
                 f"in {write_s:.1f} s ({n / write_s:,.0f} FCALL/s); node applied {n:,} in "
-                f"{seconds:.3f} s = {n / seconds:,.0f} events/s"
+                f"{seconds:.3f} s = {n / seconds:,.0f} events/s (overlay before/after: "
+                f"{packed[0]['overlay']:,}/{packed[1]['overlay']:,})"
             )
             modes = (
                 [("rawread", raw_long)] if long_id else [("rawread", raw), ("hiredisread", lean)]

@@ -193,6 +193,7 @@ async def node_mode(args: argparse.Namespace) -> None:
 
             out: dict[str, Any] = msgspec.structs.asdict(node.statistics())
             out["supervisor"] = msgspec.structs.asdict(node.supervisor.statistics())
+            out["cache"] = node.cache.memory()
             return out
 
         async def stats() -> dict[str, Any]:
