@@ -282,9 +282,9 @@ class AddressStore:
         self.count -= 1
         return before  # type: ignore[no-any-return]
 
-    def _append_rows(self, entries: list[Entry]) -> None:
+    def _append_rows(self, entries: list[Entry], expires: list[int] | None = None) -> None:
         """Append the records of *entries* as rows, column by column."""
-        self.expires.extend([e.expires for e in entries])
+        self.expires.extend([e.expires for e in entries] if expires is None else expires)
         self.seqs.extend([e.seq for e in entries])
         text, ids = self._text, self.text_ids
         # The distinct texts first (a handful, usually).
@@ -452,18 +452,27 @@ class BulkLoad:
         #: A bloom filter being filled (None: addresses are not kept in one here).
         self.prefilter = prefilter
 
-    def page(self, texts: list[str], values: list[int], entries: list[Entry]) -> None:
-        """Add canonical IPv4 addresses: their *texts*, ints and entries."""
+    def page(
+        self,
+        texts: list[str],
+        values: list[int],
+        entries: list[Entry],
+        expires: list[int] | None = None,
+    ) -> None:
+        """Add canonical IPv4 addresses: their *texts*, ints and entries (and the
+        entries' expiries, if the caller has them already)."""
         store = self.store
         start = len(self.texts)
+        if expires is None:
+            expires = [e.expires for e in entries]
         if not self.keep:
             run = []
         elif store.compact:
-            run = [v << 32 | -(-e.expires // 1000) for v, e in zip(values, entries, strict=True)]
+            run = [v << 32 | -(-x // 1000) for v, x in zip(values, expires, strict=True)]
         else:
             run = [v << 32 | i for i, v in enumerate(values, start)]
-            store._append_rows(entries)
-        earliest = min(filter(None, [e.expires for e in entries]), default=0)
+            store._append_rows(entries, expires)
+        earliest = min(filter(None, expires), default=0)
         if earliest and (not store.earliest or earliest < store.earliest):
             store.earliest = earliest
         run.sort()
