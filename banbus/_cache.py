@@ -810,7 +810,11 @@ class BanCache:
         """A container for about *count* bans, filled page by page by a snapshot
         and given to :meth:`replace`."""
         table = self._bans
-        return BulkLoad(table.store.compact, _Prefilter(count), keep=not table.bloom_only)
+        bulk = BulkLoad(table.store.compact, _Prefilter(count), keep=not table.bloom_only)
+        # The cache it will become, made now: objects that live on, allocated
+        # after a million short-lived ones, would pin half-empty memory arenas.
+        bulk.target = BanCache(self._clock, mode=self._mode, confirm=self._confirm_cb)
+        return bulk
 
     def replace(
         self,
@@ -826,7 +830,9 @@ class BanCache:
         :meth:`recompute` has run.  *newly* False: the caller does not need
         the list (a bootstrap), [] is returned.
         """
-        fresh = BanCache(self._clock, mode=self._mode, confirm=self._confirm_cb)
+        fresh = bans.target if isinstance(bans, BulkLoad) else None
+        if not isinstance(fresh, BanCache):
+            fresh = BanCache(self._clock, mode=self._mode, confirm=self._confirm_cb)
         fresh._strings = self._strings
         now = self._clock()
         for target, entry in allows:

@@ -416,14 +416,14 @@ class AddressStore:
         """directory[t] = where the /16 *t* starts in the index."""
         index = self.index
         if not index:
-            self.directory = array("I")
+            del self.directory[:]
             return
         if len(index) > 400_000:  # bisecting 65,537 times is cheaper than counting
-            self.directory = array("I", [bisect_left(index, t << 48) for t in range(65537)])
-            return
-        counts = Counter([x >> 48 for x in index])
-        get = counts.get
-        self.directory = array("I", accumulate((get(t, 0) for t in range(65536)), initial=0))
+            starts = array("I", [bisect_left(index, t << 48) for t in range(65537)])
+        else:
+            get = Counter([x >> 48 for x in index]).get
+            starts = array("I", accumulate((get(t, 0) for t in range(65536)), initial=0))
+        self.directory[:] = starts  # in place (see BulkLoad.finish)
 
     def clear(self) -> None:
         self.__init__(self.compact)  # type: ignore[misc]
@@ -438,7 +438,7 @@ class BulkLoad:
     dotted-quad addresses go to ``others``.
     """
 
-    __slots__ = ("keep", "keys", "others", "prefilter", "store", "texts")
+    __slots__ = ("keep", "keys", "others", "prefilter", "store", "target", "texts")
 
     def __init__(self, compact: bool, prefilter: Any, *, keep: bool = True) -> None:
         self.store = AddressStore(compact)
@@ -451,6 +451,8 @@ class BulkLoad:
         self.others: list[tuple[str, Entry]] = []
         #: A bloom filter being filled (None: addresses are not kept in one here).
         self.prefilter = prefilter
+        #: What the owner installs this into (the cache sets it).
+        self.target: Any = None
 
     def page(
         self,
@@ -510,7 +512,9 @@ class BulkLoad:
                 last[x >> 32] = x
             keys = list(last.values())
         keys.sort()
-        store.index = array("Q", keys)
+        # Into the array made with the store, before the scan (see the cache's
+        # bulk_load: late small objects pin memory arenas).
+        store.index[:] = array("Q", keys)
         del keys
         store.limit = max(_OVERLAY_MIN, len(store.index))
         store.count = len(store.index)
