@@ -160,15 +160,30 @@ class AddressStore:
         return None if i < 0 else self._entry_at(i)
 
     def expires_of(self, text: str) -> int | None:
-        """The expiry (ms, 0 = permanent) of *text*, or None if absent."""
+        """The expiry (ms, 0 = permanent) of *text*, or None if absent.
+
+        ``_find`` and ``_position`` inlined: this is ``is_banned``'s hit path.
+        """
         entry = self.overlay.get(text, _MISSING)
         if entry is not _MISSING:
             return None if entry is None else entry.expires
-        i = self._find(text)
-        if i < 0:
+        index = self.index
+        if not index:
             return None
-        payload = self.index[i] & _M32
-        return payload * 1000 if self.compact else self.expires[payload]
+        try:
+            value = _from_bytes(_pton(_AF_INET, text))
+        except (OSError, ValueError):
+            return None
+        directory = self.directory
+        top = value >> 16
+        hi = directory[top + 1]
+        i = bisect_left(index, value << 32, directory[top], hi)
+        if i == hi:
+            return None
+        x = index[i]
+        if x >> 32 != value:
+            return None
+        return (x & _M32) * 1000 if self.compact else self.expires[x & _M32]
 
     def __contains__(self, text: str) -> bool:
         entry = self.overlay.get(text, _MISSING)

@@ -25,6 +25,8 @@ class Context:
     #: Idle pause before each sparse propagation sample (s).
     spacing: float = 0.005
     cdf: dict[str, list[float]] = field(default_factory=dict)
+    #: Memory benchmark: holder -> [(entries, RSS bytes per entry)], for the plot.
+    memory: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     #: The 4-node banbus samples of run_close, reused by run_scaling.
     propagation4: System | None = None
     namespaces: list[str] = field(default_factory=list)

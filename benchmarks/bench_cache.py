@@ -369,12 +369,16 @@ async def run_memory(ctx: Context) -> list[Result]:
     out: dict[str, Any] = {}
     runs = [(k, n) for k in ("full", "compact", "bloom", "set", "setint", "rbloom")]
     runs += [("full", big), ("compact", big), ("bloom", big), ("cidr100k", 100_000)]
+    small = n // 10  # a third point per mode for the plot of memory against entries
+    runs += [(k, small) for k in ("full", "compact", "bloom", "set", "setint", "rbloom")]
     for kind, size in runs:
         worker = await Worker.start(
             f"memory-{kind}-{size}", "memory", "--n", str(size), "--kind", kind, timeout=900
         )
         out[kind if size == n or kind == "cidr100k" else f"{kind}@{size}"] = r = worker.ready
         await worker.stop()
+        if kind != "cidr100k":
+            ctx.memory.setdefault(kind, []).append((size, r["bytes_per_entry"]))
         ctx.log(f"  {kind} x {size:,}: " + ", ".join(
             f"{k}={v:.4g}" for k, v in r.items() if isinstance(v, float)))  # fmt: skip
     full, compact, bloom = out["full"], out["compact"], out["bloom"]

@@ -127,6 +127,28 @@ def target_lines(results: list[Result]) -> list[str]:
     return out
 
 
+def plot_memory(path: str, memory: dict[str, list[tuple[int, float]]]) -> None:
+    """RSS bytes per entry against entries, one line per cache mode and baseline."""
+    import matplotlib.pyplot as plt
+
+    labels = {"full": "cache='full'", "compact": "cache='compact'", "bloom": "cache='bloom'",
+              "set": "set[str]", "setint": "set[int]", "rbloom": "rbloom alone"}  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for kind, points in memory.items():
+        points = sorted(points)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                label=labels.get(kind, kind))  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("entries (log scale)")
+    ax.set_ylabel("RSS bytes per entry (log scale)")
+    ax.set_title("Memory per ban against entries: banbus cache modes and plain baselines")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def plot(path: str, cdf: dict[str, list[float]]) -> bool:
     try:
         import matplotlib
@@ -180,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="smaller sizes, < 2 minutes")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="write a latency CDF (PNG, matplotlib)")
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="write a latency CDF (PNG, matplotlib); with the memory benchmark, also "
+        "<PATH stem>-memory.png: bytes per ban against entries",
+    )
     parser.add_argument("--redis", metavar="URL", help="use this server instead of starting one")
     parser.add_argument("--only", metavar="NAME,...", help="run only these benchmarks")
     parser.add_argument(
@@ -262,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
             f.write("\n")
     if args.plot and plot(args.plot, ctx.cdf):
         print(f"plot: {args.plot}", file=sys.stderr)
+        if ctx.memory:
+            memory_path = args.plot.removesuffix(".png").removesuffix("-cdf") + "-memory.png"
+            plot_memory(memory_path, ctx.memory)
+            print(f"plot: {memory_path}", file=sys.stderr)
     return 0
 
 
