@@ -178,7 +178,8 @@ class _Table:
     """Exact addresses plus CIDR networks of one kind (bans or allowlist)."""
 
     __slots__ = (
-        "bloom_only", "exact", "filter16", "nets", "prefilter", "store", "v4", "v4_lengths",
+        "bloom_only", "count16", "exact", "filter16", "nets", "prefilter", "store", "v4",
+        "v4_lengths",
         "v6", "v6_lengths",
     )  # fmt: skip
 
@@ -200,9 +201,12 @@ class _Table:
         #: Prefix lengths in use, longest first (so a lookup finds the most specific).
         self.v4_lengths: list[int] = []
         self.v6_lengths: list[int] = []
-        #: How many IPv4 networks overlap each /16 (allocated with the first
-        #: network, in place: the cache binds this very array).
-        self.filter16 = array("I")
+        #: For each /16, a bit per prefix length of the IPv4 networks that
+        #: overlap it (allocated with the first network, in place: the cache
+        #: binds this very array).  A lookup probes only those lengths.
+        self.filter16 = array("Q")
+        #: /16 << 6 | prefix length -> how many networks of that length overlap it.
+        self.count16: dict[int, int] = {}
 
     def __len__(self) -> int:
         if self.bloom_only:
@@ -286,11 +290,19 @@ class _Table:
     def _mark16(self, network: int, plen: int, delta: int) -> None:
         first = network >> 16
         last = first if plen >= 16 else first + (1 << (16 - plen)) - 1
-        filt = self.filter16
+        filt, counts = self.filter16, self.count16
         if not filt:
             filt.frombytes(bytes(65536 * filt.itemsize))
+        bit = 1 << plen
         for slot in range(first, last + 1):
-            filt[slot] += delta
+            key = slot << 6 | plen
+            count = counts.get(key, 0) + delta
+            if count:
+                counts[key] = count
+                filt[slot] |= bit
+            else:
+                del counts[key]
+                filt[slot] &= ~bit
 
     def _lengths(self) -> None:
         self.v4_lengths[:] = sorted(self.v4, reverse=True)
@@ -298,11 +310,16 @@ class _Table:
 
     def match_v4(self, value: int) -> str | None:
         """The most specific network containing the IPv4 *value*, or None."""
+        if not self.filter16:
+            return None
+        lengths = self.filter16[value >> 16]  # the lengths present in its /16
         v4 = self.v4
-        for plen in self.v4_lengths:
+        while lengths:
+            plen = lengths.bit_length() - 1
             target = v4[plen].get(value >> (32 - plen))
             if target is not None:
                 return target
+            lengths ^= 1 << plen
         return None
 
     def match_v6(self, value: int) -> str | None:
@@ -329,11 +346,14 @@ class _Table:
                 if target is not None:
                     yield target
             return
-        if self.v4_lengths and self.filter16[value >> 16]:
-            for plen in self.v4_lengths:
+        if self.v4_lengths:
+            lengths = self.filter16[value >> 16]
+            while lengths:
+                plen = lengths.bit_length() - 1
                 target = self.v4[plen].get(value >> (32 - plen))
                 if target is not None:
                     yield target
+                lengths ^= 1 << plen
 
     def targets(self) -> list[str]:
         """Every target held (a list: safe to iterate while changing)."""

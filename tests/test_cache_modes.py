@@ -253,3 +253,39 @@ async def test_bloom_node_counts_a_maybe_it_cannot_confirm_as_banned(
         assert not await b.check("192.0.2.200")
         stats = b.statistics()
         assert stats.bloom_unconfirmed == 1 and stats.bloom_confirmations == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.booleans(),  # add or remove
+            st.integers(min_value=0, max_value=2**32 - 1),
+            st.sampled_from([8, 12, 15, 16, 17, 20, 24, 28, 31]),
+        ),
+        max_size=40,
+    ),
+    probes=st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=30),
+)
+def test_networks_match_a_linear_scan(ops: list[tuple[bool, int, int]], probes: list[int]) -> None:
+    """The per-/16 masks of prefix lengths find the most specific network, as a scan
+    of every network held does, whatever was added and removed."""
+    cache = BanCache(lambda: NOW)
+    held: set[ipaddress.IPv4Network] = set()
+    for add, value, plen in ops:
+        net = ipaddress.IPv4Network((value >> (32 - plen) << (32 - plen), plen))
+        if add:
+            cache.apply(Ban(target=str(net)))
+            held.add(net)
+        else:
+            cache.apply(Unban(target=str(net)))
+            held.discard(net)
+    inside = [int(net.network_address) + (v % net.num_addresses) for net, v in
+              zip(sorted(held, key=str), probes, strict=False)]  # fmt: skip
+    for value in [*probes, *inside]:
+        address = ipaddress.IPv4Address(value)
+        covering = [net for net in held if address in net]
+        expected = max(covering, key=lambda n: n.prefixlen) if covering else None
+        record = cache.lookup(str(address))
+        assert (record.target if record else None) == (str(expected) if expected else None)
+        assert cache.is_banned(str(address)) == bool(covering)
