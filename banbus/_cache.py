@@ -553,7 +553,7 @@ class BanCache:
 
     def _allowed(self, ip: str) -> bool:
         allow = self._allow
-        if not allow:
+        if not (allow.store.count or allow.exact or allow.nets):  # len(), without its call
             return False
         now = -1
         for target in allow.matches(ip):
