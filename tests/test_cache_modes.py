@@ -289,3 +289,30 @@ def test_networks_match_a_linear_scan(ops: list[tuple[bool, int, int]], probes: 
         record = cache.lookup(str(address))
         assert (record.target if record else None) == (str(expected) if expected else None)
         assert cache.is_banned(str(address)) == bool(covering)
+
+
+@pytest.mark.parametrize("mode", ["full", "compact"])
+def test_digest_leaves_out_packed_entries_expired_at_the_cutoff(mode: str) -> None:
+    """The packed stores sweep themselves; a digest at a cutoff past some expiries
+    equals the digest of what outlives it, or waits (None) while a sweep may not run."""
+    from banbus._digest import Digest, entry_hash
+
+    now = [NOW]
+    cache = BanCache(lambda: now[0], mode=mode, digest=True)  # type: ignore[arg-type]
+    rows = [(f"198.51.100.{i}", Entry(NOW + 1_000 * (i % 5 + 1))) for i in range(50)]
+    rows += [(f"203.0.113.{i}", Entry(0)) for i in range(20)]
+    cache.replace(rows, [])
+    list(cache.recompute())
+    cache.apply(Ban(target="192.0.2.1", expires=NOW + 10_000))  # in the overlay
+    now[0] = NOW + 3_000
+    cutoff = NOW + 3_000
+    digest = cache.digest(cutoff)
+    expected = Digest()
+    for target, entry in [*rows, ("192.0.2.1", Entry(NOW + 10_000))]:
+        if not entry.expires or entry.expires > cutoff:
+            expected = expected.add(entry_hash("ban", target, entry.expires))
+    assert digest == expected
+    assert cache.ban_count == 20 + 20 + 1  # the 30 expired at the cutoff were swept
+    now[0] = NOW + 4_000
+    cache.apply(Ban(target="192.0.2.2", expires=NOW + 4_500))
+    assert cache.digest(NOW + 4_000) is None  # swept a moment ago: the comparison waits
