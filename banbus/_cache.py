@@ -15,9 +15,10 @@ keyed by ``address >> host_bits``.  The I/O layer feeds it events
 the common case — costs one bloom filter probe of the text (rbloom, ~2 bytes
 per exact ban: "certainly not" for all but ~0.1% of addresses), and, only when
 IPv4 networks are banned, one ``inet_pton`` plus a probe of a 64 Ki-entry
-bitmap indexed by the address's /16 (a network marks every /16 it overlaps);
-only a marked /16 goes on to the per-prefix tables.  No ``ipaddress`` parsing
-on that path.  A hit then checks expiry against the (server) clock and the
+array indexed by the address's /16, holding a bit per prefix length of the
+networks that overlap that /16; only those lengths' tables are probed.  (The
+store's recent changes, not in the filter until packed, are one dict probe.)
+No ``ipaddress`` parsing on that path.  A hit then checks expiry against the (server) clock and the
 allowlist, which always wins.
 
 In **bloom mode** the exact addresses are held *only* in the filter: a
@@ -62,7 +63,6 @@ __all__ = ["BLOOM_RATE", "BanCache", "CacheMode", "Kind"]
 _AF_INET: Final = socket.AF_INET
 _AF_INET6: Final = socket.AF_INET6
 _pton: Final = socket.inet_pton
-_ntop: Final = socket.inet_ntop
 _from_bytes: Final = int.from_bytes
 _BUCKET_MS: Final = 1000
 #: The expiry wheel is rebuilt when its stale items exceed what is held by this much.
@@ -102,20 +102,6 @@ def _split(target: str) -> tuple[int, int, int] | None:
     if ":" in address:
         return 6, int(prefix), _from_bytes(_pton(_AF_INET6, address))
     return 4, int(prefix), _from_bytes(_pton(_AF_INET, address))
-
-
-def _v4(target: str) -> int | None:
-    """The int of a dotted-quad address target, None for anything else."""
-    if "/" in target or ":" in target:
-        return None
-    try:
-        return _from_bytes(_pton(_AF_INET, target))
-    except (OSError, ValueError):
-        return None
-
-
-def _text4(value: int) -> str:
-    return _ntop(_AF_INET, value.to_bytes(4, "big"))
 
 
 class _HashBits:
