@@ -847,7 +847,8 @@ class BanCache:
             texts = fresh._install(bans, now)
         else:
             texts = fresh._load_bans(bans, now)
-        _trim()
+        if len(texts) >= 50_000:  # a big load: give its freed heap back (a small one has little)
+            _trim()
         found: list[str] = []
         if newly:
             old = self._bans
