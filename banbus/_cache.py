@@ -860,8 +860,8 @@ class BanCache:
             elif not len(old):
                 found = fresh._bans.targets()
             else:
-                found = [t for t in fresh._bans.targets() if not old.contains_exact(t)
-                         and t not in old.nets]  # fmt: skip
+                held = set(old.targets())  # one pass, not a store lookup per target
+                found = [t for t in fresh._bans.targets() if t not in held]
         track, generation = self._track, self._generation
         for name in self.__slots__:
             setattr(self, name, getattr(fresh, name))
@@ -884,13 +884,8 @@ class BanCache:
         if not table.bloom_only:
             pton, af, from_bytes = _pton, _AF_INET, _from_bytes
             table.store.load([from_bytes(pton(af, t)) for t in texts], [e for _, e in rows])
-        strings = self._strings
-        intern = strings.setdefault
-        for target, entry in others:
-            if len(strings) < 65536:
-                entry.reason = intern(entry.reason, entry.reason)
-                entry.origin = intern(entry.origin, entry.origin)
-            self._store(True, target, entry.expires, entry.reason, entry.origin, entry.seq, now)
+        for target, entry in others:  # networks, IPv6: put() interns their texts
+            self.put("ban", target, entry, now)
         table.build_prefilter(texts, held=False)
         self._bind()
         return texts
@@ -904,15 +899,8 @@ class BanCache:
             table.store = store
         table.prefilter = bulk.prefilter
         self._bind()
-        strings = self._strings
-        intern = strings.setdefault
-        for target, entry in bulk.others:
-            if entry.expires and entry.expires <= now:
-                continue
-            if len(strings) < 65536:
-                entry.reason = intern(entry.reason, entry.reason)
-                entry.origin = intern(entry.origin, entry.origin)
-            self._store(True, target, entry.expires, entry.reason, entry.origin, entry.seq, now)
+        for target, entry in bulk.others:  # networks, IPv6 (expired ones are dropped)
+            self.put("ban", target, entry, now)
         return bulk.texts
 
     def settle(self) -> None:

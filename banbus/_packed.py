@@ -57,11 +57,6 @@ _TEXTS_MAX: Final = 1 << 31
 _MISSING: Final[Any] = object()
 
 
-def _seconds(expires: int) -> int:
-    """Expiry ms -> whole seconds, rounded up (0 stays permanent)."""
-    return -(-expires // 1000)
-
-
 class AddressStore:
     """IPv4 address (dotted-quad text) -> :class:`~banbus._model.Entry`, in packed arrays."""
 
@@ -146,10 +141,7 @@ class AddressStore:
             return -1
 
     def _entry_at(self, i: int) -> Entry:
-        payload = self.index[i] & _M32
-        if self.compact:
-            return Entry(payload * 1000)
-        return self._entry_at_payload(payload)
+        return self._entry_at_payload(self.index[i] & _M32)
 
     def get(self, text: str) -> Entry | None:
         """The entry of the address *text* (expired or not), or None."""
@@ -192,13 +184,9 @@ class AddressStore:
         return self._find(text) >= 0
 
     def items(self) -> Iterator[tuple[str, Entry]]:
-        """Every (address, entry), overlay first (safe to iterate while changing)."""
-        return self.snapshot()
-
-    def snapshot(self) -> Iterator[tuple[str, Entry]]:
-        """Every (address text, entry) as of this call, even if the store changes
-        while the iterator is consumed (merges build new arrays; rows are never
-        rewritten)."""
+        """Every (address text, entry), overlay first, as of this call, even if the
+        store changes while the iterator is consumed (merges build new arrays;
+        rows are never rewritten)."""
         overlay = dict(self.overlay)
         index, compact, texts = self.index, self.compact, self.texts
         exps, seqs, reasons, origins = self.expires, self.seqs, self.reasons, self.origins
@@ -220,7 +208,7 @@ class AddressStore:
         return rows()
 
     def expiries(self) -> Iterator[tuple[str, int]]:
-        """Every (address text, expiry ms) as of this call (see :meth:`snapshot`):
+        """Every (address text, expiry ms) as of this call (see :meth:`items`):
         what the digest needs, without building entries."""
         overlay = dict(self.overlay)
         index, compact, exps = self.index, self.compact, self.expires
@@ -440,16 +428,13 @@ class AddressStore:
             starts = array("I", accumulate((get(t, 0) for t in range(65536)), initial=0))
         self.directory[:] = starts  # in place (see BulkLoad.finish)
 
-    def clear(self) -> None:
-        self.__init__(self.compact)  # type: ignore[misc]
-
 
 class BulkLoad:
     """The exact IPv4 bans of a snapshot, put into columns page by page.
 
     ``_snapshot`` feeds each HSCAN page to :meth:`page` while Redis pages the
     next one, so a bootstrap's work mostly overlaps the scan; the cache then
-    installs the columns (:meth:`AddressStore.install`).  Targets other than
+    installs the store :meth:`finish` makes (``BanCache.replace``).  Targets other than
     dotted-quad addresses go to ``others``.
     """
 
@@ -498,19 +483,6 @@ class BulkLoad:
         if self.prefilter is not None:
             self.prefilter.filter.update(texts)
             self.prefilter.added += len(texts)
-
-    def __iter__(self) -> Iterator[tuple[str, Entry]]:
-        """(target, entry) of every row (the exact IPv4 ones rebuilt from the columns)."""
-        yield from self.others
-        store = self.store
-        by_value = {x >> 32: x for x in self.keys}
-        for text in self.texts:
-            x = by_value[int.from_bytes(socket.inet_aton(text), "big")]
-            payload = x & _M32
-            if store.compact:
-                yield text, Entry(payload * 1000)
-            else:
-                yield text, store._entry_at_payload(payload)
 
     def targets(self) -> list[str]:
         return [t for t, _ in self.others] + self.texts
