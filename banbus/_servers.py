@@ -26,8 +26,32 @@ __all__ = [
     "RedisProcess",
     "SentinelGroup",
     "free_port",
+    "hold_connections",
     "redis_server_binary",
 ]
+
+
+def hold_connections(port: int, *, dual_stack: bool = False) -> None:
+    """A plain keep-alive TCP server on *port* (loopback, or ``::`` with
+    *dual_stack*): reads every connection until it closes, answers nothing.
+
+    Runs forever; start it in a daemon thread.  The agent's scenarios and
+    benchmark cut its connections from outside the process.
+    """
+    if dual_stack:
+        srv = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True,
+                                   backlog=1024)  # fmt: skip
+    else:
+        srv = socket.create_server(("127.0.0.1", port), backlog=1024)
+
+    def hold(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(100):
+                pass
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=hold, args=(conn,), daemon=True).start()
 
 
 def free_port(host: str = "127.0.0.1", *, below: int = 65536) -> int:

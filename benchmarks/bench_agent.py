@@ -37,7 +37,7 @@ import redis  # noqa: E402
 from banbus._keys import namespace_keys  # noqa: E402
 from banbus._library import LIBRARY_CODE  # noqa: E402
 from banbus._nft import Nft  # noqa: E402
-from banbus._servers import RedisProcess, free_port  # noqa: E402
+from banbus._servers import RedisProcess, free_port, hold_connections  # noqa: E402
 from banbus._sockdiag import SockDiag  # noqa: E402
 from banbus.agent import ruleset  # noqa: E402
 
@@ -45,21 +45,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 PORT = 8099
-
-
-def _serve() -> None:
-    srv = socket.create_server(("127.0.0.1", PORT), backlog=1024)
-
-    def hold(conn: socket.socket) -> None:
-        try:
-            while conn.recv(100):
-                pass
-        except OSError:
-            pass
-
-    while True:
-        conn, _ = srv.accept()
-        threading.Thread(target=hold, args=(conn,), daemon=True).start()
 
 
 def _sample(r: redis.Redis, key: str, source: str, port: int, *, raw: bool = False) -> float | None:
@@ -113,7 +98,7 @@ def main() -> None:
     quick = "--quick" in sys.argv
     n = 100 if quick else 300
     subprocess.run(["ip", "link", "set", "dev", "lo", "up"], check=True)
-    threading.Thread(target=_serve, daemon=True).start()
+    threading.Thread(target=hold_connections, args=(PORT,), daemon=True).start()
     results = []
     with RedisProcess(port=free_port()) as proc:
         r = redis.Redis.from_url(proc.url, decode_responses=True)

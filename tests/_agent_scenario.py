@@ -25,26 +25,10 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from banbus._library import ensure_library  # noqa: E402
-from banbus._servers import RedisProcess, free_port  # noqa: E402
+from banbus._servers import RedisProcess, free_port, hold_connections  # noqa: E402
 
 PORT = 8099
 NS = "agent"
-
-
-def serve(port: int) -> None:
-    """A dual-stack keep-alive server: reads forever, answers nothing."""
-    srv = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
-
-    def hold(conn: socket.socket) -> None:
-        try:
-            while conn.recv(100):
-                pass
-        except OSError:
-            pass
-
-    while True:
-        conn, _ = srv.accept()
-        threading.Thread(target=hold, args=(conn,), daemon=True).start()
 
 
 def connect(source: str, host: str = "127.0.0.1", timeout: float = 0.5) -> socket.socket | None:
@@ -113,7 +97,8 @@ def main() -> None:
     for address in ("2001:db8::1", "2001:db8::5"):
         subprocess.run(["ip", "-6", "addr", "add", f"{address}/128", "dev", "lo"], check=True)
     out: dict[str, Any] = {}
-    threading.Thread(target=serve, args=(PORT,), daemon=True).start()
+    threading.Thread(target=hold_connections, args=(PORT,), kwargs={"dual_stack": True},
+                     daemon=True).start()  # fmt: skip
     with RedisProcess(port=free_port()) as proc:
         r = redis.Redis.from_url(proc.url, decode_responses=True)
         import anyio
@@ -237,7 +222,8 @@ def phase_two(url: str, r: redis.Redis, out: dict[str, Any]) -> None:
     """--ports, a resync after the stream was trimmed past the agent, a restart with
     100k bans, and no capability."""
     other_port = PORT + 1
-    threading.Thread(target=serve, args=(other_port,), daemon=True).start()
+    threading.Thread(target=hold_connections, args=(other_port,), kwargs={"dual_stack": True},
+                     daemon=True).start()  # fmt: skip
     # --ports: only the listed local ports are filtered and cut.
     ns = "ports"
     key = "{" + ns + "}:log"
