@@ -41,12 +41,13 @@ import heapq
 import socket
 import time
 from array import array
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from ._digest import Digest, entry_hash
 from ._keys import DIGEST_EXCLUDE_LIMIT, DIGEST_P1, DIGEST_P2
 from ._model import Allow, Ban, BanRecord, Clear, Disallow, Entry, StreamEvent, Unban
-from ._packed import AddressStore, BulkLoad
+from ._packed import AddressStore, BulkLoad, addresses_of
 from ._targets import normalize_peer
 
 _RBloom: Any
@@ -882,8 +883,8 @@ class BanCache:
             rows = list(dict(rows).items())
             texts = [t for t, _ in rows]
         if not table.bloom_only:
-            pton, af, from_bytes = _pton, _AF_INET, _from_bytes
-            table.store.load([from_bytes(pton(af, t)) for t in texts], [e for _, e in rows])
+            blob = b"".join(map(_pton, repeat(_AF_INET), texts))
+            table.store.load(addresses_of(blob), [e for _, e in rows])
         for target, entry in others:  # networks, IPv6: put() interns their texts
             self.put("ban", target, entry, now)
         table.build_prefilter(texts, held=False)

@@ -31,17 +31,19 @@ cache runs at most every :attr:`sweep_interval` seconds.
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from array import array
 from bisect import bisect_left
 from collections import Counter
-from itertools import accumulate
+from itertools import accumulate, islice, repeat
+from operator import add, attrgetter, eq, floordiv
 from typing import TYPE_CHECKING, Any, Final
 
 from ._model import Entry
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator, Sequence
 
 __all__ = ["AddressStore"]
 
@@ -53,8 +55,38 @@ _from_bytes: Final = int.from_bytes
 #: The overlay is merged when it holds more than this and more than the index
 #: (or, smaller, when the node is idle: see BanCache.settle).
 _OVERLAY_MIN: Final = 262_144
-_TEXTS_MAX: Final = 1 << 31
 _MISSING: Final[Any] = object()
+#: Where the address (high) and payload (low) halves of an index key sit in
+#: the key's two 32-bit words in memory.
+_HI, _LO = (1, 0) if sys.byteorder == "little" else (0, 1)
+_expires_of: Final = attrgetter("expires")
+_seq_of: Final = attrgetter("seq")
+_reason_of: Final = attrgetter("reason")
+_origin_of: Final = attrgetter("origin")
+if array("I").itemsize != 4:  # pragma: no cover - every platform CPython runs on
+    raise ImportError("banbus needs a 4-byte array('I')")
+
+
+def addresses_of(blob: bytes) -> array[int]:
+    """The IPv4 addresses in *blob* (packed network order, as ``inet_pton`` gives
+    them, concatenated) as ints, without an int object per address."""
+    out = array("I", blob)
+    if _HI:  # little-endian: the words are big-endian in the blob
+        out.byteswap()
+    return out
+
+
+def _keys(addresses: array[int], payloads: array[int]) -> array[int]:
+    """``address << 32 | payload`` for each pair, made in C (no per-row loop)."""
+    words = array("I", bytes(8 * len(addresses)))
+    words[_HI::2] = addresses
+    words[_LO::2] = payloads
+    return array("Q", words.tobytes())
+
+
+def _seconds(expires: Iterable[int]) -> array[int]:
+    """The expiries (ms) rounded up to whole seconds (the compact payload), in C."""
+    return array("I", map(floordiv, map(add, expires, repeat(999)), repeat(1000)))
 
 
 class AddressStore:
@@ -285,16 +317,25 @@ class AddressStore:
         self.count -= 1
         return before  # type: ignore[no-any-return]
 
-    def _append_rows(self, entries: list[Entry], expires: list[int] | None = None) -> None:
-        """Append the records of *entries* as rows, column by column."""
-        self.expires.extend([e.expires for e in entries] if expires is None else expires)
-        self.seqs.extend([e.seq for e in entries])
-        text, ids = self._text, self.text_ids
-        # The distinct texts first (a handful, usually).
-        for new in ({e.reason for e in entries} | {e.origin for e in entries}) - ids.keys():
+    def _append_rows(self, entries: Sequence[Entry], expires: array[int] | None = None) -> None:
+        """Append the records of *entries* as rows, column by column (C loops:
+        ``map`` over attribute getters, no Python frame per row)."""
+        self.expires.extend(array("q", map(_expires_of, entries)) if expires is None else expires)
+        self.seqs.extend(array("q", map(_seq_of, entries)))
+        self._append_texts(self.reasons, entries, _reason_of)
+        self._append_texts(self.origins, entries, _origin_of)
+
+    def _append_texts(self, column: array[int], entries: Sequence[Entry], field: Any) -> None:
+        """Append the text ids of *field* of *entries* to *column*.  The distinct
+        texts are a handful; a page of bans from one source often has one."""
+        distinct = set(map(field, entries))
+        text = self._text
+        if len(distinct) == 1:
+            column.extend(array("I", [text(distinct.pop())]) * len(entries))
+            return
+        for new in distinct - self.text_ids.keys():
             text(new)
-        self.reasons.extend([ids[e.reason] for e in entries])
-        self.origins.extend([ids[e.origin] for e in entries])
+        column.extend(array("I", map(self.text_ids.__getitem__, map(field, entries))))
 
     def _text(self, text: str) -> int:
         ids = self.text_ids
@@ -304,22 +345,57 @@ class AddressStore:
             self.texts.append(text)
         return i
 
-    def load(self, values: list[int], entries: list[Entry]) -> None:
-        """Fill an empty store: the addresses *values* (distinct) and their entries
-        (bootstrap), column by column."""
+    def load(self, values: Sequence[int], entries: Sequence[Entry]) -> None:
+        """Fill an empty store with the addresses *values* and their entries, column
+        by column (a repeated address: see :meth:`_set_index`)."""
         assert not self.index and not self.overlay
-        expires = [e.expires for e in entries]
-        self.earliest = min(filter(None, expires), default=0)
+        self._set_index(self._run(array("I", values), entries))
+
+    def _run(
+        self,
+        addresses: array[int],
+        entries: Sequence[Entry],
+        expires: array[int] | None = None,
+        earliest: int | None = None,
+    ) -> list[int]:
+        """The index keys of *addresses*, sorted (full mode: their records are
+        appended as rows).  No per-row Python loop: a bootstrap runs this on
+        every page of a million-row scan.  *expires*, *earliest*: the
+        entries' expiries and the earliest non-zero one, if the caller has them."""
+        if expires is None:
+            expires = array("q", map(_expires_of, entries))
+        if earliest is None:
+            earliest = min(filter(None, expires), default=0)
+        if earliest and (not self.earliest or earliest < self.earliest):
+            self.earliest = earliest
         if self.compact:
-            vals = [v << 32 | -(-x // 1000) for v, x in zip(values, expires, strict=True)]
+            payloads = _seconds(expires)
         else:
             row = len(self.expires)
-            vals = [v << 32 | i for i, v in enumerate(values, row)]
-            self._append_rows(entries)
-        vals.sort()
-        self.index = array("Q", vals)
-        self.limit = max(_OVERLAY_MIN, len(vals))
-        self.count = len(vals)
+            payloads = array("I", range(row, row + len(addresses)))
+            self._append_rows(entries, expires)
+        return sorted(_keys(addresses, payloads))
+
+    def _set_index(self, keys: Iterable[int]) -> None:
+        """Make the index of *keys* (sorted runs sort fastest).
+
+        An address may come twice (HSCAN returns a field twice when the hash
+        is rehashed during the scan): the greatest key wins — in full mode
+        the row read last, in compact mode the later expiry.  (Either is
+        corrected by the catch-up that follows a snapshot.)
+        """
+        ordered = sorted(keys)
+        index = array("Q", ordered)
+        high = array("I", index.tobytes())[_HI::2]
+        if any(map(eq, high, islice(high, 1, None))):  # adjacent equal addresses, in C
+            last = {x >> 32: x for x in ordered}  # ascending keys; the last value wins
+            index = array("Q", last.values())
+        del ordered, high
+        # In place: BulkLoad's store and its arrays are made before the scan
+        # (see BanCache.bulk_load: late small objects pin memory arenas).
+        self.index[:] = index
+        self.limit = max(_OVERLAY_MIN, len(index))
+        self.count = len(index)
         self._directory()
 
     def merge(self, now: int | None = None) -> list[tuple[str, Entry]]:
@@ -457,28 +533,18 @@ class BulkLoad:
     def page(
         self,
         texts: list[str],
-        values: list[int],
-        entries: list[Entry],
-        expires: list[int] | None = None,
+        addresses: array[int] | Sequence[int],
+        entries: Sequence[Entry],
+        expires: array[int] | None = None,
+        earliest: int | None = None,
     ) -> None:
-        """Add canonical IPv4 addresses: their *texts*, ints and entries (and the
-        entries' expiries, if the caller has them already)."""
-        store = self.store
-        start = len(self.texts)
-        if expires is None:
-            expires = [e.expires for e in entries]
-        if not self.keep:
-            run = []
-        elif store.compact:
-            run = [v << 32 | -(-x // 1000) for v, x in zip(values, expires, strict=True)]
-        else:
-            run = [v << 32 | i for i, v in enumerate(values, start)]
-            store._append_rows(entries, expires)
-        earliest = min(filter(None, expires), default=0)
-        if earliest and (not store.earliest or earliest < store.earliest):
-            store.earliest = earliest
-        run.sort()
-        self.keys.extend(run)
+        """Add canonical IPv4 addresses: their *texts*, their ints (an ``array('I')``:
+        see :func:`addresses_of`) and entries (and the entries' expiries,
+        ``array('q')``, and the earliest non-zero one, if the caller has them)."""
+        if self.keep:
+            if not isinstance(addresses, array):
+                addresses = array("I", addresses)
+            self.keys.extend(self.store._run(addresses, entries, expires, earliest))
         self.texts += texts
         if self.prefilter is not None:
             self.prefilter.filter.update(texts)
@@ -488,22 +554,7 @@ class BulkLoad:
         return [t for t, _ in self.others] + self.texts
 
     def finish(self) -> AddressStore:
-        """The store, with its index (duplicate rows — HSCAN may repeat a field —
-        resolved: the last one wins)."""
-        store = self.store
-        keys = self.keys.tolist()
-        self.keys = array("Q")
-        if len(set(self.texts)) != len(self.texts):
-            last: dict[int, int] = {}
-            for x in keys:
-                last[x >> 32] = x
-            keys = list(last.values())
-        keys.sort()
-        # Into the array made with the store, before the scan (see the cache's
-        # bulk_load: late small objects pin memory arenas).
-        store.index[:] = array("Q", keys)
-        del keys
-        store.limit = max(_OVERLAY_MIN, len(store.index))
-        store.count = len(store.index)
-        store._directory()
-        return store
+        """The store, with its index (a repeated address: see ``AddressStore._set_index``)."""
+        keys, self.keys = self.keys, array("Q")
+        self.store._set_index(keys)
+        return self.store
