@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover - the pure-Python prefilter is tested di
     _RBloom = None
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
 __all__ = ["BLOOM_RATE", "BanCache", "CacheMode", "Kind"]
 
@@ -356,17 +356,24 @@ class _Table:
         yield from list(self.nets.items())
         yield from self.store.items()
 
-    def build_prefilter(self, extra: Iterable[str] = (), *, held: bool = True) -> None:
+    def build_prefilter(self, extra: Sequence[str] = (), *, held: bool = True) -> None:
         """(Re)build the prefilter from *extra* texts, and what is held (*held*;
-        the dict-held exact targets are always added)."""
+        the dict-held exact targets are always added).
+
+        Rebuilt for growth (*held*), it gets room to double; a load sizes it
+        for what it loads (1/8 more).  The packed addresses go in a chunk of
+        texts at a time, not as one list of a million strings.
+        """
         texts = [t for t, e in self.exact.items() if e is not None]
-        if held:
-            texts += self.store.keys()
         texts += extra
-        # Room to double when rebuilt for growth (a bootstrap sizes it exactly).
-        prefilter = _Prefilter(len(texts), room=3.0 if held else 0.125)
-        prefilter.filter.update(texts)
-        prefilter.added = len(texts)
+        count = len(texts) + (len(self.store) if held else 0)
+        prefilter = _Prefilter(count, room=1.0 if held else 0.125)
+        add = prefilter.filter.update
+        add(texts)
+        if held:
+            for chunk in self.store.key_chunks():
+                add(chunk)
+        prefilter.added = count
         self.prefilter = prefilter
 
 
@@ -813,14 +820,18 @@ class BanCache:
         heapq.heapify(self._wheel_heap)
         self._wheel_size = size
 
-    def bulk_load(self, count: int) -> BulkLoad:
+    def bulk_load(self, count: int, *, newly: bool = True) -> BulkLoad:
         """A container for about *count* bans, filled page by page by a snapshot
-        and given to :meth:`replace`."""
+        and given to :meth:`replace` (with the same *newly*)."""
         table = self._bans
-        bulk = BulkLoad(table.store.compact, _Prefilter(count), keep=not table.bloom_only)
-        # The cache it will become, made now: objects that live on, allocated
-        # after a million short-lived ones, would pin half-empty memory arenas.
-        bulk.target = BanCache(self._clock, mode=self._mode, confirm=self._confirm_cb)
+        bulk = BulkLoad(
+            table.store.compact,
+            _Prefilter(count),
+            keep=not table.bloom_only,
+            # Only bloom mode finds the newly banned among the texts (the
+            # exact modes find them in the store built).
+            texts=table.bloom_only and newly,
+        )
         return bulk
 
     def replace(
@@ -837,23 +848,25 @@ class BanCache:
         :meth:`recompute` has run.  *newly* False: the caller does not need
         the list (a bootstrap), [] is returned.
         """
-        fresh = bans.target if isinstance(bans, BulkLoad) else None
-        if not isinstance(fresh, BanCache):
-            fresh = BanCache(self._clock, mode=self._mode, confirm=self._confirm_cb)
+        fresh = BanCache(self._clock, mode=self._mode, confirm=self._confirm_cb)
         fresh._strings = self._strings
         now = self._clock()
         for target, entry in allows:
             fresh.put("allow", target, entry, now)
         if isinstance(bans, BulkLoad):
             texts = fresh._install(bans, now)
+            loaded = bans.count
         else:
             texts = fresh._load_bans(bans, now)
-        if len(texts) >= 50_000:  # a big load: give its freed heap back (a small one has little)
+            loaded = len(texts)
+        if loaded >= 50_000:  # a big load: give its freed heap back (a small one has little)
             _trim()
         found: list[str] = []
         if newly:
             old = self._bans
             if self._mode == "bloom":
+                if isinstance(bans, BulkLoad) and bans.texts is None:
+                    raise ValueError("this bulk load was made with newly=False")
                 known = old.exact
                 held = old.prefilter.filter if old.prefilter is not None else ()
                 found = [t for t in texts if t not in held or known.get(t, _UNKNOWN) is None]
@@ -892,17 +905,19 @@ class BanCache:
         return texts
 
     def _install(self, bulk: BulkLoad, now: int) -> list[str]:
-        """Install what a snapshot put in *bulk*; return the exact IPv4 texts."""
+        """Install what a snapshot put in *bulk*; return the exact IPv4 texts (if
+        it kept them; [] otherwise)."""
         table = self._bans
         if bulk.keep:
             store = bulk.finish()
             store.last_sweep = table.store.last_sweep
             table.store = store
         table.prefilter = bulk.prefilter
+        table.prefilter.added = bulk.count
         self._bind()
         for target, entry in bulk.others:  # networks, IPv6 (expired ones are dropped)
             self.put("ban", target, entry, now)
-        return bulk.texts
+        return [] if bulk.texts is None else bulk.texts
 
     def settle(self) -> None:
         """Pack recent changes when there are enough of them; the follower calls
@@ -926,11 +941,13 @@ class BanCache:
             not bans.bloom_only
             and prefilter is not None
             and (
-                4 * prefilter.added > 3 * prefilter.capacity
+                16 * prefilter.added > 15 * prefilter.capacity
                 or 4 * prefilter.stale > prefilter.capacity
             )
         ):
-            # Three quarters full (or worn): grow it now rather than mid-burst.
+            # Nearly full (or worn): grow it now rather than mid-burst.  (Not
+            # at once after a load, which leaves an eighth of it free: a node
+            # that loaded a million bans keeps a filter sized for them.)
             bans.build_prefilter()
             self._bind()
 

@@ -258,6 +258,16 @@ class AddressStore:
 
         return rows()
 
+    def key_chunks(self, size: int = 65_536) -> Iterator[list[str]]:
+        """The address texts held (as :meth:`keys`), *size* at a time."""
+        overlay = self.overlay
+        yield [t for t, e in overlay.items() if e is not None]
+        index = self.index
+        ntop, af = _ntop, _AF_INET
+        for start in range(0, len(index), size):
+            texts = [ntop(af, (x >> 32).to_bytes(4, "big")) for x in index[start : start + size]]
+            yield [t for t in texts if t not in overlay] if overlay else texts
+
     def keys(self) -> list[str]:
         """The address texts held."""
         overlay = self.overlay
@@ -349,7 +359,8 @@ class AddressStore:
         """Fill an empty store with the addresses *values* and their entries, column
         by column (a repeated address: see :meth:`_set_index`)."""
         assert not self.index and not self.overlay
-        self._set_index(self._run(array("I", values), entries))
+        keys, self.earliest = self._run(array("I", values), entries)
+        self._set_index(keys)
 
     def _run(
         self,
@@ -357,26 +368,25 @@ class AddressStore:
         entries: Sequence[Entry],
         expires: array[int] | None = None,
         earliest: int | None = None,
-    ) -> list[int]:
-        """The index keys of *addresses*, sorted (full mode: their records are
-        appended as rows).  No per-row Python loop: a bootstrap runs this on
-        every page of a million-row scan.  *expires*, *earliest*: the
-        entries' expiries and the earliest non-zero one, if the caller has them."""
+    ) -> tuple[list[int], int]:
+        """The index keys of *addresses*, sorted, and the earliest non-zero expiry
+        of *entries* (full mode: their records are appended as rows).  No
+        per-row Python loop: a bootstrap runs this on every page of a
+        million-row scan.  *expires*, *earliest*: the entries' expiries and
+        the earliest non-zero one, if the caller has them."""
         if expires is None:
             expires = array("q", map(_expires_of, entries))
         if earliest is None:
             earliest = min(filter(None, expires), default=0)
-        if earliest and (not self.earliest or earliest < self.earliest):
-            self.earliest = earliest
         if self.compact:
             payloads = _seconds(expires)
         else:
             row = len(self.expires)
             payloads = array("I", range(row, row + len(addresses)))
             self._append_rows(entries, expires)
-        return sorted(_keys(addresses, payloads))
+        return sorted(_keys(addresses, payloads)), earliest
 
-    def _set_index(self, keys: Iterable[int]) -> None:
+    def _set_index(self, keys: Sequence[int]) -> None:
         """Make the index of *keys* (sorted runs sort fastest).
 
         An address may come twice (HSCAN returns a field twice when the hash
@@ -384,16 +394,19 @@ class AddressStore:
         the row read last, in compact mode the later expiry.  (Either is
         corrected by the catch-up that follows a snapshot.)
         """
+        # Made before the sort's million int objects, and at its exact size (a
+        # slice assignment to an empty array would over-allocate by 1/16): a
+        # small object that outlives them, made while they live, would keep
+        # one of their memory arenas (1 MiB) from being freed.
+        index = array("Q", [0]) * len(keys)
         ordered = sorted(keys)
-        index = array("Q", ordered)
+        index[:] = array("Q", ordered)
         high = array("I", index.tobytes())[_HI::2]
         if any(map(eq, high, islice(high, 1, None))):  # adjacent equal addresses, in C
             last = {x >> 32: x for x in ordered}  # ascending keys; the last value wins
             index = array("Q", last.values())
         del ordered, high
-        # In place: BulkLoad's store and its arrays are made before the scan
-        # (see BanCache.bulk_load: late small objects pin memory arenas).
-        self.index[:] = index
+        self.index = index
         self.limit = max(_OVERLAY_MIN, len(index))
         self.count = len(index)
         self._directory()
@@ -514,21 +527,26 @@ class BulkLoad:
     dotted-quad addresses go to ``others``.
     """
 
-    __slots__ = ("keep", "keys", "others", "prefilter", "store", "target", "texts")
+    __slots__ = ("keep", "keys", "others", "prefilter", "store", "tally", "texts")
 
-    def __init__(self, compact: bool, prefilter: Any, *, keep: bool = True) -> None:
+    def __init__(
+        self, compact: bool, prefilter: Any, *, keep: bool = True, texts: bool = True
+    ) -> None:
         self.store = AddressStore(compact)
-        #: False (bloom mode): only the texts and the filter, no columns.
+        #: False (bloom mode): only the filter (and the texts), no columns.
         self.keep = keep
         #: address << 32 | payload (see AddressStore.index), in sorted runs
         #: (packed: no int object per row while the scan goes on).
         self.keys = array("Q")
-        self.texts: list[str] = []
+        #: The addresses' texts, if asked for (None: not kept).
+        self.texts: list[str] | None = [] if texts else None
+        #: The earliest non-zero expiry and the number of addresses, in an
+        #: array rather than int attributes: an int made while a page's objects
+        #: live would keep one of their memory arenas from being freed.
+        self.tally = array("q", [0, 0])
         self.others: list[tuple[str, Entry]] = []
         #: A bloom filter being filled (None: addresses are not kept in one here).
         self.prefilter = prefilter
-        #: What the owner installs this into (the cache sets it).
-        self.target: Any = None
 
     def page(
         self,
@@ -541,20 +559,53 @@ class BulkLoad:
         """Add canonical IPv4 addresses: their *texts*, their ints (an ``array('I')``:
         see :func:`addresses_of`) and entries (and the entries' expiries,
         ``array('q')``, and the earliest non-zero one, if the caller has them)."""
+        tally = self.tally
         if self.keep:
             if not isinstance(addresses, array):
                 addresses = array("I", addresses)
-            self.keys.extend(self.store._run(addresses, entries, expires, earliest))
-        self.texts += texts
+            keys, earliest = self.store._run(addresses, entries, expires, earliest)
+            self.keys.extend(keys)
+            if earliest and (not tally[0] or earliest < tally[0]):
+                tally[0] = earliest
+        tally[1] += len(texts)
+        if self.texts is not None:
+            self.texts += texts
         if self.prefilter is not None:
             self.prefilter.filter.update(texts)
-            self.prefilter.added += len(texts)
+
+    @property
+    def count(self) -> int:
+        """Addresses added (a repeated one counts twice)."""
+        return self.tally[1]
 
     def targets(self) -> list[str]:
-        return [t for t, _ in self.others] + self.texts
+        """Every target added (before :meth:`finish`)."""
+        out = [t for t, _ in self.others]
+        if self.texts is not None:
+            return out + self.texts
+        ntop, af = _ntop, _AF_INET
+        return out + [ntop(af, (x >> 32).to_bytes(4, "big")) for x in self.keys]
 
     def finish(self) -> AddressStore:
-        """The store, with its index (a repeated address: see ``AddressStore._set_index``)."""
+        """The store, with its index (a repeated address: see ``AddressStore._set_index``).
+
+        Made now, once the scan's objects are gone, with copies of the
+        columns at their exact size: the objects that live on are made where
+        nothing short-lived was, so the memory arenas the scan used are freed
+        whole (a small object that outlives a page of rows, made while they
+        lived, would keep a 1 MiB arena of them resident).
+        """
         keys, self.keys = self.keys, array("Q")
-        self.store._set_index(keys)
-        return self.store
+        built = self.store
+        store = AddressStore(built.compact)
+        store._set_index(keys)
+        del keys
+        if not built.compact:
+            store.expires = array("q", built.expires)
+            store.seqs = array("q", built.seqs)
+            store.reasons = array("I", built.reasons)
+            store.origins = array("I", built.origins)
+            store.texts, store.text_ids = built.texts, built.text_ids
+        store.earliest = self.tally[0]
+        self.store = store
+        return store

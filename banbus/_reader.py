@@ -37,6 +37,7 @@ import contextlib
 import logging
 import random
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -240,7 +241,8 @@ class Reader:
         since = min(int(follower.last_id.partition("-")[0]), self._clock.now())
         for _attempt in range(10):
             snap = await take(conn, self._keys, clock=self._clock, scan_count=self._scan_count,
-                              skip=follower.skip, bulk=cache.bulk_load)  # fmt: skip
+                              skip=follower.skip,
+                              bulk=partial(cache.bulk_load, newly=not first))  # fmt: skip
             candidates = self._reseeder.collect(snap) if loss and not first else []
             allowed_before = cache.allow_targets()
             newly = cache.replace(snap.bans, snap.allows, newly=not first)
