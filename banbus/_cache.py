@@ -134,6 +134,11 @@ class _HashBits:
     def size_in_bits(self) -> int:
         return len(self.bits) * 8
 
+    def copy(self) -> _HashBits:
+        new = _HashBits.__new__(_HashBits)
+        new.mask, new.bits = self.mask, bytearray(self.bits)
+        return new
+
 
 _Filter: Any = _HashBits if _RBloom is None else _RBloom
 
@@ -159,6 +164,15 @@ class _Prefilter:
     def worn(self) -> bool:
         """Over capacity, or a third of it stale: the false positives have grown."""
         return self.added > self.capacity or 3 * self.stale > self.capacity
+
+    def moved(self, added: int) -> _Prefilter:
+        """A copy made now, holding *added* texts (see ``BanCache._install``)."""
+        new = _Prefilter.__new__(_Prefilter)
+        new.capacity = self.capacity + 0  # a new int, made now
+        new.filter = self.filter.copy()
+        new.added = added
+        new.stale = 0
+        return new
 
 
 class _Table:
@@ -912,8 +926,10 @@ class BanCache:
             store = bulk.finish()
             store.last_sweep = table.store.last_sweep
             table.store = store
-        table.prefilter = bulk.prefilter
-        table.prefilter.added = bulk.count
+        # Its objects made now, as the store's are (see BulkLoad.finish): the
+        # filter was made before the scan, where the scan's objects then went.
+        table.prefilter = bulk.prefilter.moved(bulk.count)
+        bulk.prefilter = None
         self._bind()
         for target, entry in bulk.others:  # networks, IPv6 (expired ones are dropped)
             self.put("ban", target, entry, now)
