@@ -24,8 +24,12 @@ allowlist, which always wins.
 In **bloom mode** the exact addresses are held *only* in the filter: a
 "maybe" that this node does not know exactly is confirmed against the record
 (the node's *confirm* callback, or ``await node.check(ip)``) and the answer
-kept; events since the last load are known exactly.  When the filter wears
-(over capacity, or a third of it removed), the node reloads from the record.
+kept; events since the last load are known exactly, in a dict the hot path
+probes when the filter says no.  The filter itself stays as the load made it,
+so at the next load it still tells the targets it held (maybes, confirmed when
+an address connects) from targets it never held: those are the newly banned
+whose live connections must be checked.  When a third of the loaded targets
+are removed, or the known targets grow large, the node reloads.
 
 Expiry times are absolute server-clock milliseconds.  A hit is checked against
 the clock, so expiry is exact even if the sweep is late.  Memory is reclaimed
@@ -211,8 +215,12 @@ class _Table:
 
     def __len__(self) -> int:
         if self.bloom_only:
+            # What the load put in the filter, corrected by what is known since
+            # (exact but for the filter's false positives among the known).
             assert self.prefilter is not None
-            return self.prefilter.added - self.prefilter.stale + len(self.nets)
+            held = self.prefilter.filter
+            known = sum((e is not None) - (t in held) for t, e in self.exact.items())
+            return self.prefilter.added + known + len(self.nets)
         return len(self.exact) + len(self.nets) + len(self.store)
 
     def get(self, target: str) -> Entry | None:
@@ -248,9 +256,12 @@ class _Table:
         else:
             before = self.exact.get(target)
             self.exact[target] = entry
-            if prefilter is not None and before is None:
+            # Bloom mode: the filter stays what the load made it (known
+            # targets are looked up in ``exact`` first), so that a reload can
+            # tell the targets it held then from false positives added since.
+            if prefilter is not None and before is None and not self.bloom_only:
                 prefilter.filter.add(target)
-        if prefilter is not None and before is None:
+        if prefilter is not None and before is None and not self.bloom_only:
             prefilter.added += 1
         return before
 
@@ -267,7 +278,7 @@ class _Table:
             self.exact[target] = None
         else:
             before = self.exact.pop(target, None)
-        if before is not None and self.prefilter is not None:
+        if before is not None and self.prefilter is not None and not self.bloom_only:
             self.prefilter.stale += 1
         return before
 
@@ -486,8 +497,9 @@ class BanCache:
         assert bans.prefilter is not None
         self._bloom = bans.prefilter.filter
         bans.store.filter = bans.prefilter.filter
-        #: The store's recent changes: not in the bloom filter until merged.
-        self._recent = bans.store.overlay
+        #: What the bloom filter does not hold (yet): the store's recent changes
+        #: (until merged), or in bloom mode every target known exactly.
+        self._recent = bans.exact if bans.bloom_only else bans.store.overlay
         self._filter = bans.filter16
         self._v4_lengths = bans.v4_lengths
         self._v6_lengths = bans.v6_lengths
@@ -604,7 +616,9 @@ class BanCache:
         prefilter = table.prefilter
         assert prefilter is not None
         if table.bloom_only:
-            if prefilter.worn or len(table.exact) > max(65_536, prefilter.capacity >> 2):
+            # The filter takes no additions and a removal only makes its target
+            # known: it does not wear, the known targets grow.
+            if len(table.exact) > max(65_536, prefilter.capacity >> 2):
                 self.reload_wanted = True
         elif prefilter.worn:
             table.build_prefilter()
@@ -881,6 +895,9 @@ class BanCache:
             if self._mode == "bloom":
                 if isinstance(bans, BulkLoad) and bans.texts is None:
                     raise ValueError("this bulk load was made with newly=False")
+                # Not newly banned: what this node knew banned, and the maybes
+                # of the last load (a connection from one was confirmed when
+                # it was accepted).  Everything else may have live connections.
                 known = old.exact
                 held = old.prefilter.filter if old.prefilter is not None else ()
                 found = [t for t in texts if t not in held or known.get(t, _UNKNOWN) is None]

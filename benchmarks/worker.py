@@ -160,7 +160,8 @@ async def node_mode(args: argparse.Namespace) -> None:
         if record_all:
             post.setdefault(target, now_ns())
 
-    node = banbus.Node(args.redis, node_id=args.node_id, namespace=args.ns, block_ms=args.block_ms)
+    node = banbus.Node(args.redis, node_id=args.node_id, namespace=args.ns, block_ms=args.block_ms,
+                       cache=args.cache)  # fmt: skip
     node.subscribe(first)
     async with node:
         tracker: Tracker | None = None
@@ -470,7 +471,7 @@ async def bootstrap_mode(args: argparse.Namespace) -> dict[str, Any]:
 
     profiler = _profiler()
     t0 = time.perf_counter()
-    node = banbus.Node(args.redis, node_id=args.node_id, namespace=args.ns)
+    node = banbus.Node(args.redis, node_id=args.node_id, namespace=args.ns, cache=args.cache)
     async with node:
         seconds = time.perf_counter() - t0
         _profile_done(profiler, "bootstrap")
@@ -547,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--nets", type=int, default=1000)
     parser.add_argument("--kind", default="bancache")
+    parser.add_argument("--cache", choices=["full", "compact", "bloom"], default="full")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--read-from", choices=["primary", "replica"], default="primary")
     args = parser.parse_args(argv)

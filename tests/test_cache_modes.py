@@ -173,13 +173,37 @@ def test_bloom_mode_asks_for_maybes_and_knows_events_exactly() -> None:
     assert cache.lookup("::ffff:192.0.2.9") is None
 
 
-def test_bloom_mode_wants_a_reload_when_the_filter_wears() -> None:
+def test_bloom_mode_keeps_its_filter_and_reloads_when_the_known_targets_grow() -> None:
     cache = BanCache(lambda: NOW, mode="bloom")
     cache.replace([(f"203.0.113.{i}", Entry(0)) for i in range(10)], [])
-    assert not cache.reload_wanted
-    for i in range(2_000):  # past the filter's capacity (1024)
+    bloom, bits = cache._bloom, cache.memory()["bloom"]
+    added = [f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}" for i in range(70_000)]
+    for i, target in enumerate(added):
+        cache.apply(Ban(target=target))
+        if i == 2_000:  # past the filter's capacity (1024): the filter took none of them
+            assert not cache.reload_wanted
+            assert cache._bloom is bloom and cache.memory()["bloom"] == bits
+            assert all(cache.is_banned(t) for t in added[:2_000])
+    assert cache.reload_wanted  # 70k known targets: time to load them into a filter
+
+
+def test_a_bloom_reload_counts_as_newly_banned_what_the_last_load_did_not_hold() -> None:
+    """Events must not blur the filter: an address the last load did not hold
+    may have a live connection (it was accepted without a confirmation).  With
+    events added to the filter, one of them made it a false positive and the
+    reload that banned it did not report it: its connection stayed open."""
+    cache = BanCache(lambda: NOW, mode="bloom", confirm=lambda ip: None)
+    cache.replace([("203.0.113.1", Entry(0))], [])
+    candidates = [f"198.51.{i >> 8}.{i & 255}" for i in range(1, 4_000)]
+    candidates = [c for c in candidates if c not in cache._bloom]
+    assert all(not cache.is_banned(c) for c in candidates)  # certainly not: accepted
+    for i in range(5_000):  # a burst of other bans, over the filter's capacity
         cache.apply(Ban(target=f"10.0.{i >> 8}.{i & 255}"))
-    assert cache.reload_wanted
+    # On the old code most candidates had become false positives by now.
+    blurred = [c for c in candidates if c in cache._bloom] or candidates
+    newly = cache.replace([("203.0.113.1", Entry(0)), *((c, Entry(0)) for c in blurred)], [])
+    assert set(blurred) <= set(newly)
+    assert "203.0.113.1" not in newly  # held by the last load: not new
 
 
 def test_exact_modes_rebuild_the_filter_as_they_grow_without_losing_anything() -> None:
