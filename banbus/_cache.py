@@ -76,6 +76,9 @@ _WHEEL_SLACK: Final = 1024
 #: entries at a build): 14.5 bits per entry at capacity, ~1.8 bytes per entry.
 BLOOM_RATE: Final = 0.002
 _UNKNOWN: Final[Any] = object()
+#: Bloom mode reloads when it knows more targets exactly than this, or than a
+#: quarter of its filter's capacity.
+_KNOWN_MIN: Final = 65_536
 
 try:
     _libc: Any = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -618,7 +621,7 @@ class BanCache:
         if table.bloom_only:
             # The filter takes no additions and a removal only makes its target
             # known: it does not wear, the known targets grow.
-            if len(table.exact) > max(65_536, prefilter.capacity >> 2):
+            if len(table.exact) > max(_KNOWN_MIN, prefilter.capacity >> 2):
                 self.reload_wanted = True
         elif prefilter.worn:
             table.build_prefilter()
@@ -807,6 +810,62 @@ class BanCache:
             prefilter = table.prefilter
             if prefilter is not None and (prefilter.added > prefilter.capacity or table.bloom_only):
                 self._check_wear()
+        return ban
+
+    def store_address(
+        self,
+        ban: bool,
+        target: str,
+        expires: int,
+        reason: str,
+        origin: str,
+        seq: int,
+        now: int,
+    ) -> bool:
+        """:meth:`apply` of a ban or allowlist entry for *target*, a canonical IPv4
+        address: the follower's per-event fast path (``_store`` and
+        ``AddressStore.put`` inlined, without the checks an address never needs).
+        """
+        table = self._bans if ban else self._allow
+        prefilter = table.prefilter
+        if prefilter is None or (expires and expires <= now):
+            return self._store(ban, target, expires, reason, origin, seq, now)
+        store = table.store
+        if store.compact and not table.bloom_only:
+            entry = Entry(-(-expires // 1000) * 1000)
+        else:
+            strings = self._strings
+            if len(strings) < 65536:
+                reason = strings.setdefault(reason, reason)
+                origin = strings.setdefault(origin, origin)
+            entry = Entry(expires, reason, origin, seq)
+        if table.bloom_only:  # known exactly from now on (no digest in bloom mode)
+            exact = table.exact
+            before = exact.get(target)
+            exact[target] = entry
+            if expires:
+                self._wheel_add(ban, target, expires)
+            if before is None and len(exact) > max(_KNOWN_MIN, prefilter.capacity >> 2):
+                self._check_wear()
+            return ban
+        overlay = store.overlay
+        before = overlay.get(target, _UNKNOWN)
+        if before is _UNKNOWN:
+            # Not in the filter: not in the index either (a merge adds to both).
+            before = store.shadow(target) if target in prefilter.filter else None
+        overlay[target] = entry
+        if before is None:
+            store.count += 1
+            prefilter.added += 1
+        if expires and (not store.earliest or expires < store.earliest):
+            store.earliest = expires
+        if len(overlay) > store.limit:
+            store.merge()
+        dirty = self._dirty_b if ban else self._dirty_a
+        if dirty is not None and target not in dirty:
+            dirty[target] = before
+        if before is None and ban and prefilter.added > prefilter.capacity:
+            self._check_wear()
         return ban
 
     def _wheel_add(self, ban: bool, target: str, expires: int) -> None:

@@ -316,7 +316,7 @@ class Follower:
         """
         stats = self.stats
         cache = self._cache
-        store = cache._store
+        store = cache.store_address
         publisher = self._publisher
         slots_b, slots_a = publisher.slots_b, publisher.slots_a
         reseeder = self._reseeder

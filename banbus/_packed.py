@@ -291,12 +291,7 @@ class AddressStore:
         overlay = self.overlay
         before = overlay.get(text, _MISSING)
         if before is _MISSING:
-            if fresh:
-                before = None
-            else:
-                i = self._find(text)
-                before = None if i < 0 else self._entry_at(i)
-                self.shadowed += i >= 0
+            before = None if fresh else self.shadow(text)
         overlay[text] = entry
         if before is None:
             self.count += 1
@@ -306,6 +301,15 @@ class AddressStore:
         if len(overlay) > self.limit:
             self.merge()
         return before  # type: ignore[no-any-return]
+
+    def shadow(self, text: str) -> Entry | None:
+        """The index's entry for the address *text* (None: not there), which an
+        overlay entry is about to shadow (the caller puts it)."""
+        i = self._find(text)
+        if i < 0:
+            return None
+        self.shadowed += 1
+        return self._entry_at(i)
 
     def pop(self, text: str) -> Entry | None:
         """Remove the address *text*; return its entry, or None if it was absent."""

@@ -88,6 +88,64 @@ def test_store_behaves_like_a_dict(
             assert entry.reason in ("r", "why")
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(
+            st.sampled_from(["ban", "allow", "unban"]),
+            st.integers(min_value=0, max_value=30),
+            st.sampled_from([0, -5_000, 1_500, 60_000]),
+        ),
+        max_size=80,
+    ),
+    mode=st.sampled_from(["full", "compact", "bloom"]),
+    preload=st.lists(st.integers(min_value=0, max_value=30), max_size=10, unique=True),
+)
+def test_the_followers_fast_path_stores_what_apply_stores(
+    events: list[tuple[str, int, int]], mode: str, preload: list[int]
+) -> None:
+    """``store_address`` (the follower's per-event path, ``_store`` inlined) leaves
+    the cache exactly as :meth:`BanCache.apply` does, in every mode."""
+    from banbus._model import Allow
+
+    def text(value: int) -> str:
+        return f"198.51.100.{value}"
+
+    clock = [NOW]
+    caches = []
+    for _ in range(2):
+        cache = BanCache(lambda: clock[0], mode=mode, digest=mode != "bloom")  # type: ignore[arg-type]
+        cache.replace([(text(v), Entry(NOW + 3_600_000, "list", "n0", 1)) for v in preload], [])
+        caches.append(cache)
+    fast, slow = caches
+    for seq, (op, value, ttl) in enumerate(events, 2):
+        target, expires = text(value), NOW + ttl if ttl else 0
+        if op == "unban":
+            fast.apply(Unban(target=target, seq=seq))
+            slow.apply(Unban(target=target, seq=seq))
+            continue
+        cls = Ban if op == "ban" else Allow
+        slow.apply(cls(target=target, expires=expires, reason="r", origin="o", seq=seq), NOW)
+        fast.store_address(op == "ban", target, expires, "r", "o", seq, NOW)
+
+    def records(cache: BanCache, kind: str = "ban") -> list[object]:
+        return sorted(cache.records(kind), key=lambda r: r.target)  # type: ignore[arg-type]
+
+    for kind in ("ban", "allow"):
+        assert records(fast, kind) == records(slow, kind)
+    for value in range(31):
+        assert fast.is_banned(text(value)) == slow.is_banned(text(value))
+    assert fast.ban_count == slow.ban_count and fast.allow_count == slow.allow_count
+    if mode != "bloom":
+        assert fast.digest(NOW) == slow.digest(NOW)
+    fast.settle()
+    slow.settle()
+    assert records(fast) == records(slow)
+    clock[0] = NOW + 3_700_000  # everything timed has expired: the same is swept
+    assert fast.expire(force=True) == slow.expire(force=True)
+    assert fast.ban_count == slow.ban_count and records(fast) == records(slow)
+
+
 def test_bulk_load_keeps_the_last_of_a_repeated_field_and_equals_a_list_load() -> None:
     pages = [
         [("203.0.113.7", Entry(0, "a", "n1", 1)), ("198.51.100.1", Entry(NOW + 5_000))],
