@@ -253,18 +253,17 @@ class _Table:
             return before
         prefilter = self.prefilter
         if not self.bloom_only and ":" not in target:
-            # Not in the filter: not in the index either (a merge adds to it).
+            # Not in the filter: not in the index either (a merge adds to
+            # both, and counts what it adds to the filter).
             fresh = prefilter is not None and target not in prefilter.filter
-            before = self.store.put(target, entry, fresh=fresh)
-        else:
-            before = self.exact.get(target)
-            self.exact[target] = entry
-            # Bloom mode: the filter stays what the load made it (known
-            # targets are looked up in ``exact`` first), so that a reload can
-            # tell the targets it held then from false positives added since.
-            if prefilter is not None and before is None and not self.bloom_only:
-                prefilter.filter.add(target)
+            return self.store.put(target, entry, fresh=fresh)
+        before = self.exact.get(target)
+        self.exact[target] = entry
+        # Bloom mode: the filter stays what the load made it (known targets
+        # are looked up in ``exact`` first), so that a reload can tell the
+        # targets it held then from false positives added since.
         if prefilter is not None and before is None and not self.bloom_only:
+            prefilter.filter.add(target)
             prefilter.added += 1
         return before
 
@@ -499,7 +498,7 @@ class BanCache:
         bans = self._bans
         assert bans.prefilter is not None
         self._bloom = bans.prefilter.filter
-        bans.store.filter = bans.prefilter.filter
+        bans.store.prefilter = bans.prefilter
         #: What the bloom filter does not hold (yet): the store's recent changes
         #: (until merged), or in bloom mode every target known exactly.
         self._recent = bans.exact if bans.bloom_only else bans.store.overlay
@@ -787,20 +786,7 @@ class BanCache:
         if len(strings) < 65536:
             reason = strings.setdefault(reason, reason)
             origin = strings.setdefault(origin, origin)
-        prefilter = table.prefilter
-        if (
-            prefilter is not None
-            and not table.bloom_only
-            and "/" not in target
-            and (":" not in target)
-        ):
-            # An IPv4 address (table.put, inlined: the per-event path).
-            entry = Entry(expires, reason, origin, seq)
-            before = table.store.put(target, entry, fresh=target not in prefilter.filter)
-            if before is None:
-                prefilter.added += 1
-        else:
-            before = table.put(target, Entry(expires, reason, origin, seq))
+        before = table.put(target, Entry(expires, reason, origin, seq))
         dirty = self._dirty_b if ban else self._dirty_a
         if dirty is not None and target not in dirty:
             dirty[target] = before
@@ -856,7 +842,6 @@ class BanCache:
         overlay[target] = entry
         if before is None:
             store.count += 1
-            prefilter.added += 1
         if expires and (not store.earliest or expires < store.earliest):
             store.earliest = expires
         if len(overlay) > store.limit:

@@ -169,6 +169,14 @@ def _text(fields: dict[str, str], name: str, max_bytes: int) -> str:
     return text
 
 
+#: A ban/allow entry's field names, in the function library's order.
+_BAN_FIELDS: Final = ("op", "target", "expires", "reason", "origin", "eid", "seq")
+#: Lengths (characters) within the byte limits whatever the characters.
+_REASON_CHARS: Final = MAX_REASON_BYTES // 4
+_ORIGIN_CHARS: Final = MAX_ORIGIN_BYTES // 4
+_EID_CHARS: Final = MAX_EID_BYTES // 4
+
+
 def ban_fields(fields: list[str]) -> tuple[bool, str, int, str, str, str, int] | None:
     """Read a ban/allow entry in the function library's exact layout, by position.
 
@@ -181,20 +189,20 @@ def ban_fields(fields: list[str]) -> tuple[bool, str, int, str, str, str, int] |
         return None
     f_op, op, f_target, target, f_exp, expires, f_reason, reason, f_origin, origin, f_eid, eid, \
         f_seq, seq = fields  # fmt: skip
+    if (f_op, f_target, f_exp, f_reason, f_origin, f_eid, f_seq) != _BAN_FIELDS:
+        return None
     if (
-        f_op == "op" and f_target == "target" and f_exp == "expires" and f_reason == "reason"
-        and f_origin == "origin" and f_eid == "eid" and f_seq == "seq"
-        and (op == "ban" or op == "allow")
+        (op == "ban" or op == "allow")
         and 2 <= len(target) <= MAX_TARGET_LENGTH
-        and len(expires) <= 13 and expires.isdigit() and expires.isascii()
-        and len(seq) <= 18 and seq.isdigit() and seq.isascii()
+        and len(expires) <= 13 and expires.isascii() and expires.isdigit()
+        and len(seq) <= 18 and seq.isascii() and seq.isdigit()
         # Byte limits without encoding: 4 bytes per character at most, and
         # one for ASCII (``isascii`` is O(1): CPython keeps the flag).
-        and (len(reason) <= MAX_REASON_BYTES // 4 or
+        and (len(reason) <= _REASON_CHARS or
              (len(reason) <= MAX_REASON_BYTES and reason.isascii()))
-        and (len(origin) <= MAX_ORIGIN_BYTES // 4 or
+        and (len(origin) <= _ORIGIN_CHARS or
              (len(origin) <= MAX_ORIGIN_BYTES and origin.isascii()))
-        and (len(eid) <= MAX_EID_BYTES // 4 or (len(eid) <= MAX_EID_BYTES and eid.isascii()))
+        and (len(eid) <= _EID_CHARS or (len(eid) <= MAX_EID_BYTES and eid.isascii()))
     ):  # fmt: skip
         expires_ms = int(expires)
         if expires_ms <= _MAX_EXPIRES_MS:

@@ -98,12 +98,12 @@ class AddressStore:
         "directory",
         "earliest",
         "expires",
-        "filter",
         "index",
         "last_sweep",
         "limit",
         "origins",
         "overlay",
+        "prefilter",
         "reasons",
         "seqs",
         "shadowed",
@@ -127,10 +127,10 @@ class AddressStore:
         self.shadowed = 0
         #: The overlay is merged when it holds more than this.
         self.limit = _OVERLAY_MIN
-        #: The bloom filter in front of this store (the cache's), which a merge
-        #: fills with the overlay's addresses (until then the hot path looks at
-        #: the overlay itself).
-        self.filter: Any = None
+        #: The bloom filter in front of this store (the cache's ``_Prefilter``):
+        #: a merge adds the overlay's addresses to it, and counts them (until
+        #: then the hot path looks at the overlay itself).
+        self.prefilter: Any = None
         #: Addresses held (expired ones not swept yet included).
         self.count = 0
         #: No entry expires before this (server ms; 0: none expires).  A lower
@@ -462,8 +462,11 @@ class AddressStore:
             self._append_rows([entry for _, entry in live])
         vals.sort()
         self.index = array("Q", vals)
-        if self.filter is not None:
-            self.filter.update([t for t, e in self.overlay.items() if e is not None])
+        prefilter = self.prefilter
+        if prefilter is not None:
+            added = [t for t, e in self.overlay.items() if e is not None]
+            prefilter.filter.update(added)
+            prefilter.added += len(added)
         self.overlay.clear()  # the same dict: the cache's hot path holds it
         self.shadowed = 0
         self.limit = max(_OVERLAY_MIN, len(vals))

@@ -148,11 +148,10 @@ async def node_mode(args: argparse.Namespace) -> None:
     def first(target: str) -> None:
         # Registered before the supervisor: the moment the ban landed here.
         nonlocal sentinel_ns
-        t = now_ns()
         if record_all:
-            pre.setdefault(target, t)
-        elif target == sentinel:
-            sentinel_ns = t
+            pre.setdefault(target, now_ns())
+        elif target == sentinel:  # (the clock read only then: this runs per event)
+            sentinel_ns = now_ns()
             sentinel_seen.set()
 
     def last(target: str) -> None:
@@ -200,6 +199,17 @@ async def node_mode(args: argparse.Namespace) -> None:
         async def stats() -> dict[str, Any]:
             return stats_dict()
 
+        profiler: list[Any] = []
+
+        async def profile(start: bool = True) -> dict[str, Any]:
+            """Start (or stop and write) a pyinstrument profile of this node
+            (``BENCH_PROFILE_DIR`` must be set)."""
+            if start:
+                profiler[:] = [_profiler(async_mode="disabled")]
+            elif profiler:
+                _profile_done(profiler.pop(), f"node-{args.node_id}")
+            return {}
+
         async def missing(targets: list[str]) -> dict[str, Any]:
             return {"missing": sum(1 for t in targets if not node.is_banned(t))}
 
@@ -226,6 +236,7 @@ async def node_mode(args: argparse.Namespace) -> None:
                 "record": record,
                 "wait_sentinel": wait_sentinel,
                 "stats": stats,
+                "profile": profile,
                 "missing": missing,
                 "wait_seq": wait_seq,
                 "ban": ban,
@@ -479,13 +490,13 @@ async def bootstrap_mode(args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": seconds, "bans": bans}
 
 
-def _profiler() -> Any:
+def _profiler(**options: Any) -> Any:
     """A started pyinstrument profiler if ``BENCH_PROFILE_DIR`` is set, else None."""
     if not os.environ.get("BENCH_PROFILE_DIR"):
         return None
     from pyinstrument import Profiler
 
-    profiler = Profiler(interval=0.0005)
+    profiler = Profiler(interval=0.0005, **options)
     profiler.start()
     return profiler
 

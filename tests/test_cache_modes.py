@@ -178,7 +178,8 @@ def test_bulk_load_keeps_the_last_of_a_repeated_field_and_equals_a_list_load() -
 def test_a_load_keeps_a_filter_sized_for_it_and_growth_doubles_it(mode: str) -> None:
     """A bulk load sizes the bloom filter for what it loads: the node's first idle
     moment must not rebuild it (it did: 3.5x the memory, and a stall of a pass
-    over every address).  Growth past 15/16 of it rebuilds at twice the size."""
+    over every address).  Growth past 15/16 of it rebuilds at twice the size,
+    when the new addresses are packed (a burst does not rebuild it)."""
     cache = BanCache(lambda: NOW, mode=mode)  # type: ignore[arg-type]
     loaded = [str(ipaddress.IPv4Address(0x0A000000 + 7 * i)) for i in range(20_000)]
     bulk = cache.bulk_load(len(loaded), newly=False)
@@ -187,14 +188,37 @@ def test_a_load_keeps_a_filter_sized_for_it_and_growth_doubles_it(mode: str) -> 
     size, bloom = cache.memory()["bloom"], cache._bloom
     cache.settle()
     assert cache._bloom is bloom and cache.memory()["bloom"] == size
-    added = [str(ipaddress.IPv4Address(0x0B000000 + i)) for i in range(1_200)]
+    added = [str(ipaddress.IPv4Address(0x0B000000 + i)) for i in range(5_000)]
     for target in added:
         cache.put("ban", target, Entry(0))
-    cache.settle()
+    assert cache._bloom is bloom  # new addresses wait in the overlay, not in the filter
+    cache.settle()  # packs them: the filter would be over 15/16 full
     assert cache._bloom is not bloom
     assert 1.8 * size < cache.memory()["bloom"] < 2.3 * size
     assert all(cache.is_banned(t) for t in loaded + added)
     assert cache.ban_count == len(loaded) + len(added)
+
+
+def test_merges_in_a_burst_grow_the_filter_and_lose_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst larger than the overlay's limit is merged mid-burst, filling the
+    filter past its capacity: the next new ban rebuilds it, and nothing is lost."""
+    import banbus._packed
+
+    monkeypatch.setattr(banbus._packed, "_OVERLAY_MIN", 512)
+    cache = BanCache(lambda: NOW)
+    targets = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(20_000)]
+    capacities = set()
+    for t in targets:
+        cache.store_address(True, t, NOW + 60_000, "r", "o", 1, NOW)
+        assert cache._bans.prefilter is not None
+        capacities.add(cache._bans.prefilter.capacity)
+    assert len(capacities) > 3  # grown several times, in the burst
+    assert all(cache.is_banned(t) for t in targets)
+    assert cache.ban_count == len(targets)
+    outsiders = [f"192.0.{i >> 8}.{i & 255}" for i in range(5_000)]
+    assert sum(o in cache._bloom for o in outsiders) < 50  # still a filter, not "all"
 
 
 def test_the_pure_python_prefilter_has_no_false_negatives() -> None:
@@ -270,8 +294,11 @@ def test_exact_modes_rebuild_the_filter_as_they_grow_without_losing_anything() -
         targets = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(150_000)]
         for t in targets:
             cache.apply(Ban(target=t, expires=NOW + 60_000))
-        assert all(cache.is_banned(t) for t in targets[::97])
+        assert all(cache.is_banned(t) for t in targets[::97])  # from the overlay
+        cache.settle()  # packed, into a filter grown for them
         assert cache._bans.prefilter is not None and cache._bans.prefilter.capacity >= 150_000
+        assert not cache._bans.store.overlay
+        assert all(cache.is_banned(t) for t in targets[::97])
         assert not cache.is_banned("192.0.2.1")
 
 
