@@ -433,8 +433,10 @@ class BanCache:
         "_dirty_b",
         "_filter",
         "_generation",
+        "_known",
         "_mode",
         "_recent",
+        "_stored",
         "_strings",
         "_track",
         "_v4_lengths",
@@ -502,6 +504,10 @@ class BanCache:
         #: What the bloom filter does not hold (yet): the store's recent changes
         #: (until merged), or in bloom mode every target known exactly.
         self._recent = bans.exact if bans.bloom_only else bans.store.overlay
+        #: A maybe of the filter: its exact entry, or (not there) its expiry in
+        #: the packed store (bloom mode: a confirmation asked for).
+        self._known = bans.exact
+        self._stored = self._ask if bans.bloom_only else bans.store.expires_of
         self._filter = bans.filter16
         self._v4_lengths = bans.v4_lengths
         self._v6_lengths = bans.v6_lengths
@@ -520,7 +526,11 @@ class BanCache:
         then treats it as a new ban: live connections from it are cut).
         """
         if ip in self._bloom or ip in self._recent:
-            expires = self._exact(ip)
+            entry = self._known.get(ip, _UNKNOWN)
+            if entry is _UNKNOWN:
+                expires = self._stored(ip)
+            else:
+                expires = None if entry is None else entry.expires
             if expires is not None:
                 if not expires or expires > self._clock():
                     return not self._allowed(ip)
@@ -538,17 +548,11 @@ class BanCache:
             return self._slow(ip)
         return False
 
-    def _exact(self, ip: str) -> int | None:
-        """The expiry of the exact ban of *ip* once the prefilter said maybe (None: none)."""
-        table = self._bans
-        entry = table.exact.get(ip, _UNKNOWN)
-        if entry is _UNKNOWN:
-            if table.bloom_only:
-                if self._confirm_cb is not None and normalize_peer(ip) == ip:
-                    self._confirm_cb(ip)
-                return None
-            return table.store.expires_of(ip)
-        return None if entry is None else entry.expires
+    def _ask(self, ip: str) -> None:
+        """Bloom mode: a maybe this node does not know: have it confirmed (the
+        answer arrives through :meth:`confirmed`); not banned until then."""
+        if self._confirm_cb is not None and normalize_peer(ip) == ip:
+            self._confirm_cb(ip)
 
     def _slow(self, ip: str) -> bool:
         """IPv6, IPv4-mapped, zone ids and non-canonical text."""

@@ -151,7 +151,7 @@ def profile_is_banned() -> None:
         ),
         "is_banned, miss": (cache.is_banned, misses),
         "clock() (server ms)": (lambda ip: clock(), hits),
-        "_exact(ip) (hit: the expiry from the store)": (cache._exact, hits),
+        "_stored(ip) (hit: the expiry from the packed store)": (cache._stored, hits),
         "_allowed(ip) (empty allowlist)": (cache._allowed, hits),
         "is_banned, exact hit": (cache.is_banned, hits),
     }
