@@ -80,8 +80,9 @@ BLOOM_RATE: Final = 0.002
 #: false positive costs a lookup, ~1 µs, so ~10 ns on the average miss).
 COMPACT_BLOOM_RATE: Final = 0.01
 _UNKNOWN: Final[Any] = object()
-#: Bloom mode reloads when it knows more targets exactly than this, or than a
-#: quarter of its filter's capacity.
+#: Bloom mode reloads when it knows more targets exactly (~150 bytes each)
+#: than this, or than 1/64 of its filter's capacity (~2.5 bytes per filter
+#: entry at most: the memory the mode is chosen to save stays saved).
 _KNOWN_MIN: Final = 65_536
 
 try:
@@ -478,8 +479,8 @@ class BanCache:
         self._bans.build_prefilter()
         self._allow = _Table()
         self._confirm_cb = confirm
-        #: Bloom mode: the filter is worn (see _Prefilter.worn) or the known
-        #: entries grew large: the node reloads from the record.
+        #: Bloom mode: the targets known exactly (events and confirmations
+        #: since the load) grew large: the node reloads from the record.
         self.reload_wanted = False
         # Bound once: the hot path reads these attributes, never chains them.
         self._bind()
@@ -633,7 +634,7 @@ class BanCache:
         if table.bloom_only:
             # The filter takes no additions and a removal only makes its target
             # known: it does not wear, the known targets grow.
-            if len(table.exact) > max(_KNOWN_MIN, prefilter.capacity >> 2):
+            if len(table.exact) > max(_KNOWN_MIN, prefilter.capacity >> 6):
                 self.reload_wanted = True
         elif prefilter.worn:
             table.build_prefilter()
@@ -844,7 +845,7 @@ class BanCache:
             exact[target] = entry
             if expires:
                 self._wheel_add(ban, target, expires)
-            if before is None and len(exact) > max(_KNOWN_MIN, prefilter.capacity >> 2):
+            if before is None and len(exact) > max(_KNOWN_MIN, prefilter.capacity >> 6):
                 self._check_wear()
             return ban
         overlay = store.overlay

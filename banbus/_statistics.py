@@ -121,5 +121,6 @@ class NodeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     bloom_confirmed_banned: int = 0
     bloom_false_positives: int = 0
     bloom_unconfirmed: int = 0
-    #: Bloom mode: reloads because the filter wore out (see ``_cache``).
+    #: Bloom mode: reloads because the node knew too many targets exactly
+    #: (events and confirmations since the load: see ``_cache``).
     bloom_reloads: int = 0

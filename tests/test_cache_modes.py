@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import socket
 from typing import TYPE_CHECKING
 
@@ -17,10 +18,12 @@ from banbus._cache import BanCache, _HashBits
 from banbus._model import Ban, Entry, Unban
 from banbus._packed import AddressStore, BulkLoad
 
-from ._helpers import eventually, nodes
+from ._helpers import eventually, keys, nodes
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    import redis.asyncio as aioredis
 
     from banbus._servers import RedisProcess
 
@@ -366,6 +369,50 @@ async def test_bloom_node_reloads_when_asked_and_rejects_a_state_file(
             await eventually(lambda: b.statistics().resyncs == 1, 10.0, "reload")
             assert b.statistics().bloom_reloads == 1
             assert await b.check("203.0.113.5")
+
+
+@pytest.mark.anyio
+async def test_a_bloom_reload_cuts_the_live_connection_of_an_address_it_bans(
+    redis_url: str, namespace: str, admin: aioredis.Redis
+) -> None:
+    """A ban that reaches a bloom node through a reload rather than as an event
+    (here a hand-written record entry) is checked against the live connections:
+    the last load's filter did not hold the address, so the reload reports it as
+    newly banned; it is confirmed in Redis and its connection is cut."""
+    async with nodes(redis_url, namespace, 1) as (a,):
+        await a.ban("203.0.113.5")
+        async with Node(redis_url, namespace=namespace, node_id="bloom", cache="bloom",
+                        block_ms=100) as b:  # fmt: skip
+            closed = anyio.Event()
+
+            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await reader.read()  # until the supervisor aborts the transport
+                closed.set()
+
+            server = await asyncio.start_server(b.protect(handle), "127.0.0.1", 0)
+            client = socket.socket()
+            client.bind(("127.0.0.46", 0))
+            client.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(
+                    client, ("127.0.0.1", server.sockets[0].getsockname()[1])
+                )
+                await eventually(lambda: b.supervisor.statistics().tracked == 1, 10.0, "tracked")
+                assert not b.is_banned("127.0.0.46")
+                await admin.hset(
+                    keys(namespace).bans, "127.0.0.46", json.dumps([0, "hand", "cli", 0])
+                )
+                b.cache.reload_wanted = True
+                with anyio.fail_after(10):
+                    await closed.wait()
+            finally:
+                client.close()
+                server.close()
+            stats = b.statistics()
+            assert stats.resyncs == 1 and stats.bloom_reloads == 1
+            assert stats.bloom_confirmed_banned >= 1
+            assert b.supervisor.statistics().cut == 1
+            assert b.is_banned("127.0.0.46")
 
 
 @pytest.mark.real_redis
