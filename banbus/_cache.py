@@ -103,6 +103,11 @@ Kind: TypeAlias = Literal["ban", "allow"]
 CacheMode: TypeAlias = Literal["full", "compact", "bloom"]
 
 
+def _pack_due(store: AddressStore) -> bool:
+    """The overlay is worth packing: over 4096 changes and an eighth of the index."""
+    return len(store.overlay) > max(4096, len(store.index) >> 3)
+
+
 def _split(target: str) -> tuple[int, int, int] | None:
     """``(version, prefixlen, network int)`` for a CIDR target, None for an address.
 
@@ -275,6 +280,10 @@ class _Table:
         if prefilter is not None and before is None and not self.bloom_only:
             prefilter.filter.add(target)
             prefilter.added += 1
+            growing = self.store.growing  # a filter being grown (see grow_steps)
+            if growing is not None:
+                growing.filter.add(target)
+                growing.added += 1
         return before
 
     def remove(self, target: str) -> Entry | None:
@@ -636,7 +645,10 @@ class BanCache:
             # known: it does not wear, the known targets grow.
             if len(table.exact) > max(_KNOWN_MIN, prefilter.capacity >> 6):
                 self.reload_wanted = True
-        elif prefilter.worn:
+        elif prefilter.worn and table.store.growing is None:
+            # (A growth in progress replaces it soon: the old filter, over
+            # capacity, answers with more false positives meanwhile, none
+            # false negative.)
             table.build_prefilter()
             self._bind()
 
@@ -1011,36 +1023,89 @@ class BanCache:
         return [] if bulk.texts is None else bulk.texts
 
     def settle(self) -> None:
-        """Pack recent changes when there are enough of them; the follower calls
-        this each time it has caught up with the stream (the node is idle).
+        """Pack recent changes when there are enough of them, and grow a filter
+        nearing its capacity: :meth:`settle_steps` all at once."""
+        for _ in self.settle_steps():
+            pass
 
-        An event burst is absorbed in the stores' overlays and packed after it,
-        the digest's bookkeeping done first (cheaper while the targets are
-        still in the overlays), and a filter nearing its capacity is grown
-        before the next burst.  Cheap when there is nothing to do.
-        """
-        bans, allow = self._bans, self._allow
-        due = [t.store for t in (bans, allow)
-               if len(t.store.overlay) > max(4096, len(t.store.index) >> 3)]  # fmt: skip
-        if due:
-            if self._digest is not None and self.pending_changes:
-                self._fold()
-            for store in due:
-                store.merge()
+    @property
+    def settle_due(self) -> bool:
+        """:meth:`settle` has work to do (cheap to ask)."""
+        return any(_pack_due(t.store) for t in (self._bans, self._allow)) or self._growth_due()
+
+    def _growth_due(self) -> bool:
+        bans = self._bans
         prefilter = bans.prefilter
-        if (
+        # Nearly full (or worn): grow it now rather than mid-burst.  (Not at
+        # once after a load, which leaves an eighth of it free: a node that
+        # loaded a million bans keeps a filter sized for them.)
+        return (
             not bans.bloom_only
             and prefilter is not None
+            and bans.store.growing is None
             and (
                 16 * prefilter.added > 15 * prefilter.capacity
                 or 4 * prefilter.stale > prefilter.capacity
             )
-        ):
-            # Nearly full (or worn): grow it now rather than mid-burst.  (Not
-            # at once after a load, which leaves an eighth of it free: a node
-            # that loaded a million bans keeps a filter sized for them.)
-            bans.build_prefilter()
-            self._bind()
+        )
+
+    def settle_steps(self, chunk: int = 20_000) -> Iterator[None]:
+        """:meth:`settle`, a bounded piece of work per step; the node runs a step
+        per event-loop iteration once it has caught up with the stream.
+
+        An event burst is absorbed in the stores' overlays and packed after
+        it: the digest's bookkeeping first, *chunk* changes per step (cheaper
+        while the targets are still in the overlays), then the merge (one
+        step: a sort), then the growth of a filter the packing filled
+        (:meth:`grow_steps`).  Events applied meanwhile wait in the overlays;
+        lookups are exact throughout.
+        """
+        if any(_pack_due(t.store) for t in (self._bans, self._allow)):
+            todo = self.pending_changes
+            while todo > 0 and self._digest is not None and self.pending_changes:
+                self._fold(chunk)
+                todo -= chunk
+                yield
+            for table in (self._bans, self._allow):  # as they are now (a reload replaces them)
+                if _pack_due(table.store):
+                    table.store.merge()
+        if self._growth_due():
+            yield from self.grow_steps()
+
+    def grow_steps(self, chunk: int = 65_536) -> Iterator[None]:
+        """Rebuild the bans' bloom filter with room to double, *chunk* packed
+        addresses per step (a million take ~0.4 s: in one go, a stall).
+
+        The old filter serves until the new one is complete.  Meanwhile a
+        merge adds what it packs to both (``AddressStore.growing``), as does a
+        new IPv6 target; what stays in the overlay is looked up there.  Gives
+        up if the filter or the store is replaced meanwhile (a reload, a
+        rebuild for wear).
+        """
+        table = self._bans
+        store, old = table.store, table.prefilter
+        if table.bloom_only or old is None or store.growing is not None:
+            return
+        exact = [t for t, e in table.exact.items() if e is not None]
+        index = store.index  # a merge makes a new array: this one stays as it is
+        new = _Prefilter(len(exact) + len(store), room=1.0, rate=table.bloom_rate)
+        new.filter.update(exact)
+        new.added = len(exact) + len(index)
+        store.growing = new
+        try:
+            for start in range(0, len(index), chunk):
+                yield
+                if (
+                    self._bans is not table
+                    or table.store is not store
+                    or table.prefilter is not old
+                ):
+                    return
+                new.filter.update(store.texts_of(index[start : start + chunk]))
+        finally:
+            store.growing = None
+        table.prefilter = new
+        self._bind()
 
     def clear(self) -> None:
         """Drop everything (the digest of an empty view is known: zero)."""

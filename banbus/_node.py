@@ -366,7 +366,23 @@ class Node:
             block_ms=self._block_ms,
         )  # fmt: skip
         follower.listening = lambda: bool(self._listeners)
-        follower.idle = cache.settle
+        settling = [False]
+
+        async def settle_in_steps() -> None:
+            try:
+                for _ in cache.settle_steps():
+                    await anyio.lowlevel.checkpoint()
+            finally:
+                settling[0] = False
+
+        def settle() -> None:
+            # Caught up with the stream: pack the burst and grow the filter in
+            # the background, a bounded step per loop iteration (settle_steps).
+            if not settling[0] and cache.settle_due:
+                settling[0] = True
+                spawn(settle_in_steps)
+
+        follower.idle = settle
         self._antientropy = antientropy = AntiEntropy(
             keys, cache=cache, publisher=publisher, reseeder=reseeder, follower=follower,
             clock=clock, interval=self._check_interval or 1.0, enabled=self._check_interval > 0,

@@ -98,6 +98,7 @@ class AddressStore:
         "directory",
         "earliest",
         "expires",
+        "growing",
         "index",
         "last_sweep",
         "limit",
@@ -131,6 +132,9 @@ class AddressStore:
         #: a merge adds the overlay's addresses to it, and counts them (until
         #: then the hot path looks at the overlay itself).
         self.prefilter: Any = None
+        #: A filter being built to replace it (see ``BanCache.grow_steps``): a
+        #: merge adds to both.
+        self.growing: Any = None
         #: Addresses held (expired ones not swept yet included).
         self.count = 0
         #: No entry expires before this (server ms; 0: none expires).  A lower
@@ -258,22 +262,26 @@ class AddressStore:
 
         return rows()
 
+    @staticmethod
+    def texts_of(keys: Iterable[int]) -> list[str]:
+        """The address texts of index keys."""
+        ntop, af = _ntop, _AF_INET
+        return [ntop(af, (x >> 32).to_bytes(4, "big")) for x in keys]
+
     def key_chunks(self, size: int = 65_536) -> Iterator[list[str]]:
         """The address texts held (as :meth:`keys`), *size* at a time."""
         overlay = self.overlay
         yield [t for t, e in overlay.items() if e is not None]
         index = self.index
-        ntop, af = _ntop, _AF_INET
         for start in range(0, len(index), size):
-            texts = [ntop(af, (x >> 32).to_bytes(4, "big")) for x in index[start : start + size]]
+            texts = self.texts_of(index[start : start + size])
             yield [t for t in texts if t not in overlay] if overlay else texts
 
     def keys(self) -> list[str]:
         """The address texts held."""
         overlay = self.overlay
-        ntop, af = _ntop, _AF_INET
         out = [t for t, e in overlay.items() if e is not None]
-        base = [ntop(af, (x >> 32).to_bytes(4, "big")) for x in self.index]
+        base = self.texts_of(self.index)
         out += [t for t in base if t not in overlay] if overlay else base
         return out
 
@@ -462,11 +470,11 @@ class AddressStore:
             self._append_rows([entry for _, entry in live])
         vals.sort()
         self.index = array("Q", vals)
-        prefilter = self.prefilter
-        if prefilter is not None:
-            added = [t for t, e in self.overlay.items() if e is not None]
-            prefilter.filter.update(added)
-            prefilter.added += len(added)
+        added = [t for t, e in self.overlay.items() if e is not None]
+        for prefilter in (self.prefilter, self.growing):
+            if prefilter is not None:
+                prefilter.filter.update(added)
+                prefilter.added += len(added)
         self.overlay.clear()  # the same dict: the cache's hot path holds it
         self.shadowed = 0
         self.limit = max(_OVERLAY_MIN, len(vals))
@@ -588,10 +596,7 @@ class BulkLoad:
     def targets(self) -> list[str]:
         """Every target added (before :meth:`finish`)."""
         out = [t for t, _ in self.others]
-        if self.texts is not None:
-            return out + self.texts
-        ntop, af = _ntop, _AF_INET
-        return out + [ntop(af, (x >> 32).to_bytes(4, "big")) for x in self.keys]
+        return out + (self.texts if self.texts is not None else AddressStore.texts_of(self.keys))
 
     def finish(self) -> AddressStore:
         """The store, with its index (a repeated address: see ``AddressStore._set_index``).

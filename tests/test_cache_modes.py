@@ -224,6 +224,93 @@ def test_merges_in_a_burst_grow_the_filter_and_lose_nothing(
     assert sum(o in cache._bloom for o in outsiders) < 50  # still a filter, not "all"
 
 
+@pytest.mark.parametrize("mode", ["full", "compact"])
+def test_a_filter_grown_in_steps_loses_nothing_changed_meanwhile(mode: str) -> None:
+    """Between the steps of a growth, bans land in the overlay, get packed (a
+    merge, a sweep), IPv6 targets go in the dict: the grown filter, swapped in
+    at the end, holds everything (a filter's false negative would let a banned
+    address through)."""
+    clock = [NOW]
+    cache = BanCache(lambda: clock[0], mode=mode)  # type: ignore[arg-type]
+    loaded = [str(ipaddress.IPv4Address(0x0A000000 + 3 * i)) for i in range(150_000)]
+    bulk = cache.bulk_load(len(loaded), newly=False)
+    bulk.page(loaded, [int(ipaddress.IPv4Address(t)) for t in loaded],
+              [Entry(NOW + 5_000 if i % 10 == 0 else 0) for i in range(len(loaded))])  # fmt: skip
+    cache.replace(bulk, [], newly=False)
+    old = cache._bloom
+    added = [str(ipaddress.IPv4Address(0x0B000000 + i)) for i in range(20_000)]
+    for target in added:
+        cache.put("ban", target, Entry(0))
+    cache._bans.store.merge()  # packed, as settle_steps() does first
+    assert cache.settle_due and cache._bloom is old  # the filter is over 15/16 full
+    later = [str(ipaddress.IPv4Address(0x0C000000 + i)) for i in range(6_000)]
+    v6 = [f"2001:db8::{i:x}" for i in range(300)]
+    steps = cache.grow_steps(chunk=16_384)
+    for i, _ in enumerate(steps):  # 11 steps: 170k addresses, 16k at a time
+        assert cache._bloom is old  # swapped only when complete
+        for target in later[i * 600 : (i + 1) * 600]:
+            cache.put("ban", target, Entry(0))
+        for target in v6[i * 30 : (i + 1) * 30]:
+            cache.put("ban", target, Entry(0))
+        if i == 3:
+            cache._bans.store.merge()  # packed mid-growth
+        if i == 5:
+            clock[0] = NOW + 6_000
+            cache.expire(force=True)  # a sweep: a merge with expiry
+    assert i == 10
+    assert cache._bloom is not old and not cache.settle_due
+    held = [t for i, t in enumerate(loaded) if i % 10] + added + later + v6
+    missing = [t for t in held if t not in cache._bloom and t not in cache._recent]
+    assert not missing, (len(missing), missing[:3])
+    assert all(cache.is_banned(t) for t in held)
+    assert not any(cache.is_banned(t) for i, t in enumerate(loaded) if i % 10 == 0)
+    assert cache._bans.prefilter is not None and cache._bans.prefilter.capacity >= 2 * 170_000
+
+
+@pytest.mark.parametrize("mode", ["full", "compact"])
+def test_settling_in_steps_keeps_the_digest_exact_under_new_events(mode: str) -> None:
+    """The digest bookkeeping is folded a chunk per step while events keep coming
+    (bans, re-bans, unbans between the steps): at the end the digest is the one
+    computed from scratch, and every ban is answered."""
+    from banbus._digest import Digest, entry_hash
+
+    cache = BanCache(lambda: NOW, mode=mode, digest=True)  # type: ignore[arg-type]
+    first = [str(ipaddress.IPv4Address(0x0A000000 + i)) for i in range(12_000)]
+    for i, target in enumerate(first):
+        cache.store_address(True, target, NOW + 60_000 + i, "r", "o", i, NOW)
+    assert cache.settle_due
+    steps = 0
+    for i, _ in enumerate(cache.settle_steps(chunk=1_000)):
+        steps += 1
+        target = first[(i * 37) % len(first)]
+        cache.store_address(True, target, NOW + 90_000, "r", "o", 99, NOW)  # a re-ban
+        cache.apply(Unban(target=first[(i * 53 + 1) % len(first)]))
+        cache.store_address(True, f"11.0.{i >> 8}.{i & 255}", 0, "r", "o", 1, NOW)  # new
+    assert steps >= 12  # the fold took a dozen steps, the growth a few more
+    assert not cache._bans.store.overlay or len(cache._bans.store.overlay) < 100
+    expected = Digest()
+    for target in cache._bans.targets():
+        expires = cache._bans.expires_of(target)
+        assert expires is not None
+        expected = expected.add(entry_hash("ban", target, expires))
+    assert cache.digest(0) == expected
+    assert all(cache.is_banned(t) for t in cache._bans.targets())
+
+
+def test_a_growth_gives_up_when_the_table_is_replaced() -> None:
+    cache = BanCache(lambda: NOW)
+    for i in range(5_000):
+        cache.put("ban", str(ipaddress.IPv4Address(0x0A000000 + i)), Entry(0))
+    cache._bans.store.merge()
+    assert cache.settle_due
+    steps = cache.grow_steps(chunk=1_000)
+    next(steps)
+    cache.replace([("192.0.2.1", Entry(0))], [])  # a reload
+    assert list(steps) == []
+    assert cache.is_banned("192.0.2.1") and cache.ban_count == 1
+    assert cache._bans.store.growing is None
+
+
 def test_the_pure_python_prefilter_has_no_false_negatives() -> None:
     bits = _HashBits(1000)
     texts = [f"192.0.2.{i}" for i in range(256)] + [f"2001:db8::{i:x}" for i in range(500)]
@@ -369,6 +456,37 @@ async def test_bloom_node_reloads_when_asked_and_rejects_a_state_file(
             await eventually(lambda: b.statistics().resyncs == 1, 10.0, "reload")
             assert b.statistics().bloom_reloads == 1
             assert await b.check("203.0.113.5")
+
+
+@pytest.mark.anyio
+async def test_a_node_grows_its_filter_after_a_burst_in_the_background(
+    redis_url: str, namespace: str, admin: aioredis.Redis
+) -> None:
+    """A burst packed once the node caught up fills the filter: the node grows it
+    in steps (grow_steps, a step per loop iteration), and every ban holds."""
+    targets = [str(ipaddress.IPv4Address(0x0A000000 + i)) for i in range(6_000)]
+    async with nodes(redis_url, namespace, 1) as (a,):
+        await a.ban("192.0.2.1")  # the namespace and its library exist
+        async with Node(redis_url, namespace=namespace, node_id="b", block_ms=100) as b:
+            assert b.cache._bans.prefilter is not None
+            first = b.cache._bans.prefilter
+            pipe = admin.pipeline(transaction=False)
+            for target in targets:
+                pipe.fcall("banbus_ban", 1, keys(namespace).log, target, 0, "burst")  # type: ignore[no-untyped-call]
+            await pipe.execute()
+            await eventually(lambda: b.statistics().bans_active == len(targets) + 1, 10.0, "all")
+
+            def grown() -> bool:
+                cache = b.cache
+                prefilter = cache._bans.prefilter
+                if prefilter is first or prefilter is None or prefilter.capacity < len(targets):
+                    return False
+                return not cache.settle_due and cache._bans.store.growing is None
+
+            await eventually(grown, 10.0, "the filter grown")
+            assert all(b.is_banned(t) for t in targets)
+            assert all(t in b.cache._bloom or t in b.cache._recent for t in targets)
+            assert b.statistics().resyncs == 0
 
 
 @pytest.mark.anyio
