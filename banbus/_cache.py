@@ -12,8 +12,9 @@ keyed by ``address >> host_bits``.  The I/O layer feeds it events
 :meth:`is_banned` without I/O.
 
 ``is_banned(ip)`` takes the peer text exactly as a socket reports it.  A miss —
-the common case — costs one bloom filter probe of the text (rbloom, ~2 bytes
-per exact ban: "certainly not" for all but ~0.1% of addresses), and, only when
+the common case — costs one bloom filter probe of the text (rbloom, 1.8 bytes
+per exact ban: "certainly not" for all but ~0.1% of addresses; compact mode
+1.35 bytes and ~1%), and, only when
 IPv4 networks are banned, one ``inet_pton`` plus a probe of a 64 Ki-entry
 array indexed by the address's /16, holding a bit per prefix length of the
 networks that overlap that /16; only those lengths' tables are probed.  (The

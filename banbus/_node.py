@@ -148,7 +148,7 @@ class Node:
         on purpose with ``banbus clear`` is not re-seeded.
     :param cache: how the local view holds exact addresses (see the README,
         "Choosing a cache mode"): ``"full"`` (default) keeps every record
-        exact in ~40 bytes per IPv4 ban; ``"compact"`` ~10 bytes, the expiry
+        exact in ~35 bytes per IPv4 ban; ``"compact"`` ~10 bytes, the expiry
         rounded up to the second and ``lookup`` without reason, origin or seq;
         ``"bloom"`` ~2 bytes: a bloom filter answers "certainly not banned",
         and an address it may hold that this node does not know exactly is
