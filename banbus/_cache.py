@@ -62,7 +62,7 @@ except ImportError:  # pragma: no cover - the pure-Python prefilter is tested di
     _RBloom = None
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 
 __all__ = ["BLOOM_RATE", "COMPACT_BLOOM_RATE", "BanCache", "CacheMode", "Kind"]
 
@@ -1128,8 +1128,21 @@ class BanCache:
 
         The packed stores are swept at most every ``sweep_interval`` seconds
         (a sweep is O(n)) unless *force*; until then their expired entries
-        answer as absent but hold memory.
+        answer as absent but hold memory.  See :meth:`expire_steps`.
         """
+        steps = self.expire_steps(now, force=force, stepped=False)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+
+    def expire_steps(
+        self, now: int | None = None, *, force: bool = False, stepped: bool = True
+    ) -> Generator[None, None, int]:
+        """:meth:`expire`, the packed stores swept in steps of bounded work
+        (*stepped*; the node's expiry task runs a step per loop iteration).
+        A sweep that a merge overtakes gives up and comes again later."""
         if now is None:
             now = self._clock()
         heap, wheel = self._wheel_heap, self._wheel
@@ -1150,7 +1163,13 @@ class BanCache:
                 continue
             if not force and clock - store.last_sweep < store.sweep_interval:
                 continue
-            gone = store.sweep(now)
+            if stepped:
+                swept = yield from store.sweep_steps(now)
+                if swept is None or table is not (self._bans if ban else self._allow):
+                    continue  # overtaken by a merge, or the table replaced: later
+                gone = swept
+            else:
+                gone = store.sweep(now)
             dropped += len(gone)
             dirty = self._dirty_b if ban else self._dirty_a
             prefilter = table.prefilter
@@ -1261,7 +1280,9 @@ class BanCache:
         for table in (self._bans, self._allow):
             store = table.store
             if store.earliest and store.earliest <= cutoff:
-                if time.monotonic() - store.last_sweep < store.sweep_interval:
+                # Half an interval more than the node's expiry task waits: its
+                # sweep, in steps, comes first; this one would be in one go.
+                if time.monotonic() - store.last_sweep < 1.5 * store.sweep_interval:
                     return None
         self.expire(cutoff, force=True)
         d1, d2, n = self._fold()

@@ -36,14 +36,14 @@ import time
 from array import array
 from bisect import bisect_left
 from collections import Counter
-from itertools import accumulate, islice, repeat
-from operator import add, attrgetter, eq, floordiv
+from itertools import accumulate, compress, islice, repeat
+from operator import add, and_, attrgetter, eq, floordiv, ge, mod, not_, rshift, sub
 from typing import TYPE_CHECKING, Any, Final
 
 from ._model import Entry
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Sequence
+    from collections.abc import Generator, Iterable, Iterator, Sequence
 
 __all__ = ["AddressStore"]
 
@@ -147,8 +147,10 @@ class AddressStore:
 
     @property
     def sweep_interval(self) -> float:
-        """Seconds between sweeps: a sweep costs O(n), so at most ~1% of a core."""
-        return max(2.0, len(self.index) / 250_000)
+        """Seconds between sweeps: 20 s at 1M entries.  A sweep costs O(n): per
+        million, ~0.4 s of CPU (compact) to 0.5-0.7 s (full, its expiries are
+        in rows all over the column), so ~2-3.5% of a core."""
+        return max(2.0, len(self.index) / 50_000)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -436,20 +438,37 @@ class AddressStore:
         gone: list[tuple[int, Entry]] = []
         compact = self.compact
         exps = self.expires
+        # Which index entries stay, in C (map, compress: no Python frame per
+        # entry; a sweep of a million took 0.6 s row by row): the overlay
+        # decides for the addresses it holds.
+        free = (
+            list(map(not_, map(overlay.__contains__, map(rshift, index, repeat(32)))))
+            if overlay
+            else []
+        )
+        earliest = 0
         if now is None:
-            vals = [x for x in index if x >> 32 not in overlay] if self.shadowed else index.tolist()
+            vals = list(compress(index, free)) if overlay else index.tolist()
         else:
-            vals = []
-            keep = vals.append
-            limit = now // 1000  # compact: expired when 0 < seconds <= now // 1000
-            for x in index:
-                payload = x & _M32
-                e = payload if compact else exps[payload]
-                if e and e <= (limit if compact else now):
-                    if x >> 32 not in overlay:
-                        gone.append((x >> 32, self._entry_at_payload(payload)))
-                elif x >> 32 not in overlay:
-                    keep(x)
+            payloads = array("I", index.tobytes())[_LO::2]
+            # Alive: permanent (0) or later than *limit*, i.e. (e - 1) mod span >= limit.
+            if compact:  # the payload is the expiry, in seconds
+                shifted = map(mod, map(sub, payloads, repeat(1)), repeat(1 << 32))
+                alive = list(map(ge, shifted, repeat(now // 1000)))
+                stay = list(map(and_, alive, free)) if overlay else alive
+                earliest = min(filter(None, compress(payloads, stay)), default=0) * 1000
+            else:
+                # Row by row (in order: the rows of the index are all over the
+                # columns), a byte per row, then a byte per entry.
+                shifted = map(mod, map(sub, exps, repeat(1)), repeat(1 << 63))
+                live_rows = bytes(map(ge, shifted, repeat(now)))
+                alive = list(map(live_rows.__getitem__, payloads))
+                stay = list(map(and_, alive, free)) if overlay else alive
+                # A lower bound (rows no entry points at any more count too).
+                earliest = min(filter(None, compress(exps, live_rows)), default=0)
+            dead = map(and_, map(not_, alive), free) if overlay else map(not_, alive)
+            gone = [(x >> 32, self._entry_at_payload(x & _M32)) for x in compress(index, dead)]
+            vals = list(compress(index, stay))
         if overlay or now is not None:
             live = [
                 (value, entry)
@@ -482,17 +501,87 @@ class AddressStore:
         if not compact and len(self.expires) > 2 * len(vals) + _OVERLAY_MIN:
             self._compact_rows()
         if now is not None:
-            self.earliest = self._earliest()
+            self.earliest = min(filter(None, [earliest, *(e.expires for _, e in live)]), default=0)
         self._directory()
         ntop = _ntop
         return [(ntop(af, v.to_bytes(4, "big")), e) for v, e in gone]
 
     def sweep(self, now: int) -> list[tuple[str, Entry]]:
-        """Drop every entry expired at *now*; return them (address text, entry)."""
+        """Drop every entry expired at *now*; return them (address text, entry).
+
+        Folds the overlay in too (a merge), in one go.  See :meth:`sweep_steps`.
+        """
         self.last_sweep = time.monotonic()
         if not self.earliest or self.earliest > now:
             return []
         return self.merge(now)
+
+    def sweep_steps(
+        self, now: int, chunk: int = 65_536
+    ) -> Generator[None, None, list[tuple[str, Entry]] | None]:
+        """Drop the index entries expired at *now*, *chunk* entries per step (a
+        sweep of ten million in one go stalled a node's event loop for 3.4 s);
+        return them (address text, entry), or None if a merge replaced the
+        index meanwhile (nothing was dropped: sweep again later).
+
+        The overlay stays as it is: it still decides for the addresses it
+        holds (an index entry it shadows just goes, uncounted).
+        """
+        if not self.earliest or self.earliest > now:
+            self.last_sweep = time.monotonic()
+            return []
+        index = self.index
+        compact, exps = self.compact, self.expires
+        kept: list[array[int]] = []
+        dead: list[int] = []
+        earliest = 0
+        for start in range(0, len(index), chunk):
+            if start:
+                yield
+                if self.index is not index:
+                    return None
+            part = index[start : start + chunk]
+            payloads = array("I", part.tobytes())[_LO::2]
+            # Alive: permanent (0) or later than *now*, i.e. (e - 1) mod span >= now.
+            if compact:  # the payload is the expiry, in seconds
+                shifted = map(mod, map(sub, payloads, repeat(1)), repeat(1 << 32))
+                alive = list(map(ge, shifted, repeat(now // 1000)))
+                first = min(filter(None, compress(payloads, alive)), default=0) * 1000
+            else:
+                expiry = list(map(exps.__getitem__, payloads))
+                shifted = map(mod, map(sub, expiry, repeat(1)), repeat(1 << 63))
+                alive = list(map(ge, shifted, repeat(now)))
+                first = min(filter(None, compress(expiry, alive)), default=0)
+            if first and (not earliest or first < earliest):
+                earliest = first
+            kept.append(array("Q", compress(part, alive)))
+            dead += compress(part, map(not_, alive))
+        yield
+        if self.index is not index:
+            return None
+        # The swap, in one step.
+        new = array("Q")
+        for part in kept:
+            new += part
+        overlay = self.overlay
+        gone: list[tuple[str, Entry]] = []
+        ntop, af = _ntop, _AF_INET
+        for x in dead:
+            text = ntop(af, (x >> 32).to_bytes(4, "big"))
+            if text in overlay:
+                self.shadowed -= 1  # the overlay decides for it; not in the index any more
+            else:
+                gone.append((text, self._entry_at_payload(x & _M32)))
+        self.index = new
+        self.count -= len(gone)
+        self.limit = max(_OVERLAY_MIN, len(new))
+        pending = [e.expires for e in overlay.values() if e is not None and e.expires]
+        self.earliest = min(filter(None, [earliest, *pending]), default=0)
+        if not compact and len(exps) > 2 * len(new) + _OVERLAY_MIN:
+            self._compact_rows()
+        self._directory()
+        self.last_sweep = time.monotonic()
+        return gone
 
     def _entry_at_payload(self, row: int) -> Entry:
         if self.compact:
@@ -500,13 +589,6 @@ class AddressStore:
         texts = self.texts
         return Entry(self.expires[row], texts[self.reasons[row]], texts[self.origins[row]],
                      self.seqs[row])  # fmt: skip
-
-    def _earliest(self) -> int:
-        if self.compact:
-            seconds = [x & _M32 for x in self.index]
-            return min(filter(None, seconds), default=0) * 1000
-        exps = self.expires
-        return min(filter(None, [exps[x & _M32] for x in self.index]), default=0)
 
     def _compact_rows(self) -> None:
         """Drop the record rows nothing points at any more (renumbers rows)."""

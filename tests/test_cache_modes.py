@@ -149,6 +149,63 @@ def test_the_followers_fast_path_stores_what_apply_stores(
     assert fast.ban_count == slow.ban_count and records(fast) == records(slow)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["put", "put", "put", "pop", "step", "step", "step", "step", "merge"]),
+            _values,
+            st.integers(min_value=0, max_value=4_000),
+        ),
+        max_size=80,
+    ),
+    compact=st.booleans(),
+    preload=st.lists(_values, max_size=30, unique=True),
+)
+def test_a_sweep_in_steps_drops_only_expired_entries_whatever_happens_between(
+    ops: list[tuple[str, int, int]], compact: bool, preload: list[int]
+) -> None:
+    """Puts, removals and merges land between the steps of a sweep: it drops only
+    entries expired at its *now* that nothing rewrote, gives up if a merge
+    overtook it, and the store's count and keys stay exact throughout."""
+    now = NOW + 2_000
+
+    def shape(expires: int) -> int:
+        return -(-expires // 1000) * 1000 if compact else expires
+
+    def text(value: int) -> str:
+        return str(ipaddress.IPv4Address(value << 20))
+
+    store = AddressStore(compact)
+    model: dict[str, int] = {}
+    store.load([v << 20 for v in preload],
+               [Entry(NOW + 1_000 * (v % 4), "r", "o", 1) for v in preload])  # fmt: skip
+    model.update({text(v): shape(NOW + 1_000 * (v % 4)) for v in preload})
+    sweep = store.sweep_steps(now, chunk=4)
+    for op, value, ttl in ops:
+        address = text(value)
+        if op == "put":
+            store.put(address, Entry(NOW + ttl if ttl else 0, "why", "me", 7))
+            model[address] = shape(NOW + ttl if ttl else 0)
+        elif op == "pop":
+            store.pop(address)
+            model.pop(address, None)
+        elif op == "merge":
+            store.merge()
+        else:
+            try:
+                next(sweep)
+            except StopIteration as stop:
+                for target, entry in stop.value or ():
+                    assert 0 < model.pop(target) <= now  # expired at its now, not rewritten
+                    assert 0 < entry.expires <= now
+                sweep = store.sweep_steps(now, chunk=4)  # and another
+        for v in map(text, range(41)):
+            assert store.expires_of(v) == model.get(v)
+        assert len(store) == len(model)
+        assert sorted(store.keys()) == sorted(model)
+
+
 def test_bulk_load_keeps_the_last_of_a_repeated_field_and_equals_a_list_load() -> None:
     pages = [
         [("203.0.113.7", Entry(0, "a", "n1", 1)), ("198.51.100.1", Entry(NOW + 5_000))],
