@@ -972,6 +972,9 @@ class BanCache:
                 known = old.exact
                 held = old.prefilter.filter if old.prefilter is not None else ()
                 found = [t for t in texts if t not in held or known.get(t, _UNKNOWN) is None]
+                # IPv6 addresses are known exactly, in both views.
+                found += [t for t, e in fresh._bans.exact.items()
+                          if e is not None and known.get(t) is None]  # fmt: skip
                 found += [t for t in fresh._bans.nets if t not in old.nets]
             elif not len(old):
                 found = fresh._bans.targets()
@@ -1118,9 +1121,24 @@ class BanCache:
     # -- expiry ------------------------------------------------------------------------
 
     def next_expiry(self) -> int | None:
-        """Server ms at which :meth:`expire` next has work, or None."""
+        """Server ms at which :meth:`expire` next has work, or None.
+
+        A packed store's expired entries wait for its next sweep (see
+        ``sweep_interval``): not before then (a time in the past here had the
+        node's expiry task spin until the sweep was allowed).
+        """
         due = [(self._wheel_heap[0] + 1) * _BUCKET_MS] if self._wheel_heap else []
-        due += [t.store.earliest for t in (self._bans, self._allow) if t.store.earliest]
+        now = None
+        for table in (self._bans, self._allow):
+            store = table.store
+            if not store.earliest:
+                continue
+            wait = store.sweep_interval - (time.monotonic() - store.last_sweep)
+            if wait > 0:
+                now = self._clock() if now is None else now
+                due.append(max(store.earliest, now + int(wait * 1000)))
+            else:
+                due.append(store.earliest)
         return min(due) if due else None
 
     def expire(self, now: int | None = None, *, force: bool = False) -> int:

@@ -69,9 +69,10 @@ MAX_EID_BYTES: Final = 128
 #: Ten years: longer is a typo; use 0 for a permanent ban.  ``{ns}:config``
 #: ``max_ttl`` may lower it, never raise it.
 MAX_TTL_SECONDS: Final = 10 * 365 * 86400
-#: Expiry times are server milliseconds; anything past 2200-01-01 is garbage
-#: (a TTL within the limit above never gets there).
-MAX_EXPIRES_MS: Final = 7_258_118_400_000
+#: Expiry times are server milliseconds; anything past 2106-02-07 06:28:15 UTC
+#: is garbage (a TTL within the limit above never gets there).  It is the last
+#: whole second a 32-bit count holds: compact caches keep the expiry so.
+MAX_EXPIRES_MS: Final = 4_294_967_295_000
 #: Stream entries per namespace kept by ``XADD MAXLEN ~`` unless configured.
 DEFAULT_MAXLEN: Final = 100_000
 #: Tombstones (removals remembered so a re-seed never undoes them) kept at most.

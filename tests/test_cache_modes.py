@@ -354,6 +354,22 @@ def test_settling_in_steps_keeps_the_digest_exact_under_new_events(mode: str) ->
     assert all(cache.is_banned(t) for t in cache._bans.targets())
 
 
+def test_next_expiry_waits_for_the_sweep_a_packed_store_may_run() -> None:
+    """Expired packed entries wait for the store's next sweep: next_expiry() must
+    not name a time in the past meanwhile (the node's expiry task spun on it)."""
+    clock = [NOW]
+    cache = BanCache(lambda: clock[0], mode="compact")
+    cache.replace([(f"10.0.0.{i}", Entry(NOW + 1_000)) for i in range(10)], [])
+    clock[0] = NOW + 2_000
+    cache.expire(force=True)  # a sweep now: the next one is sweep_interval away
+    cache.put("ban", "10.0.1.1", Entry(NOW + 2_500))
+    cache._bans.store.merge()
+    clock[0] = NOW + 3_000  # 10.0.1.1 has expired; the sweep may not run yet
+    due = cache.next_expiry()
+    assert due is not None and due > clock[0]
+    assert cache.expire() == 0 and not cache.is_banned("10.0.1.1")
+
+
 def test_a_growth_gives_up_when_the_table_is_replaced() -> None:
     cache = BanCache(lambda: NOW)
     for i in range(5_000):
@@ -430,8 +446,13 @@ def test_a_bloom_reload_counts_as_newly_banned_what_the_last_load_did_not_hold()
         cache.apply(Ban(target=f"10.0.{i >> 8}.{i & 255}"))
     # On the old code most candidates had become false positives by now.
     blurred = [c for c in candidates if c in cache._bloom] or candidates
-    newly = cache.replace([("203.0.113.1", Entry(0)), *((c, Entry(0)) for c in blurred)], [])
+    newly = cache.replace(
+        [("203.0.113.1", Entry(0)), ("2001:db8::1", Entry(0)),
+         *((c, Entry(0)) for c in blurred)],
+        [],
+    )  # fmt: skip
     assert set(blurred) <= set(newly)
+    assert "2001:db8::1" in newly  # an IPv6 address too (it was left out)
     assert "203.0.113.1" not in newly  # held by the last load: not new
 
 
