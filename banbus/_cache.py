@@ -29,8 +29,8 @@ kept; events since the last load are known exactly, in a dict the hot path
 probes when the filter says no.  The filter itself stays as the load made it,
 so at the next load it still tells the targets it held (maybes, confirmed when
 an address connects) from targets it never held: those are the newly banned
-whose live connections must be checked.  When a third of the loaded targets
-are removed, or the known targets grow large, the node reloads.
+whose live connections must be checked.  When the known targets grow large
+(see ``_KNOWN_MIN``), the node reloads.
 
 Expiry times are absolute server-clock milliseconds.  A hit is checked against
 the clock, so expiry is exact even if the sweep is late.  Memory is reclaimed
@@ -168,11 +168,13 @@ class _Prefilter:
     (removed ones too: they cost false positives until the next rebuild).
     """
 
-    __slots__ = ("added", "capacity", "filter", "stale")
+    __slots__ = ("added", "capacity", "filter", "known_max", "stale")
 
     def __init__(self, capacity: int, *, room: float = 0.125, rate: float = BLOOM_RATE) -> None:
         self.capacity = max(capacity + int(capacity * room), 1024)
         self.filter: Any = _Filter(self.capacity, rate)
+        #: Bloom mode reloads when it knows more targets exactly than this.
+        self.known_max = max(_KNOWN_MIN, self.capacity >> 6)
         #: Texts added since the build (a new target counts once).
         self.added = 0
         #: Of those, targets removed since.
@@ -187,6 +189,7 @@ class _Prefilter:
         """A copy made now, holding *added* texts (see ``BanCache._install``)."""
         new = _Prefilter.__new__(_Prefilter)
         new.capacity = self.capacity + 0  # a new int, made now
+        new.known_max = self.known_max + 0
         new.filter = self.filter.copy()
         new.added = added
         new.stale = 0
@@ -278,13 +281,8 @@ class _Table:
         # Bloom mode: the filter stays what the load made it (known targets
         # are looked up in ``exact`` first), so that a reload can tell the
         # targets it held then from false positives added since.
-        if prefilter is not None and before is None and not self.bloom_only:
-            prefilter.filter.add(target)
-            prefilter.added += 1
-            growing = self.store.growing  # a filter being grown (see grow_steps)
-            if growing is not None:
-                growing.filter.add(target)
-                growing.added += 1
+        if before is None and not self.bloom_only:
+            self.store.feed([target])  # the store's filter is this table's (see _bind)
         return before
 
     def remove(self, target: str) -> Entry | None:
@@ -644,7 +642,7 @@ class BanCache:
         if table.bloom_only:
             # The filter takes no additions and a removal only makes its target
             # known: it does not wear, the known targets grow.
-            if len(table.exact) > max(_KNOWN_MIN, prefilter.capacity >> 6):
+            if len(table.exact) > prefilter.known_max:
                 self.reload_wanted = True
         elif prefilter.worn and table.store.growing is None:
             # (A growth in progress replaces it soon: the old filter, over
@@ -858,7 +856,7 @@ class BanCache:
             exact[target] = entry
             if expires:
                 self._wheel_add(ban, target, expires)
-            if before is None and len(exact) > max(_KNOWN_MIN, prefilter.capacity >> 6):
+            if before is None and len(exact) > prefilter.known_max:
                 self._check_wear()
             return ban
         overlay = store.overlay
@@ -923,7 +921,7 @@ class BanCache:
         """A container for about *count* bans, filled page by page by a snapshot
         and given to :meth:`replace` (with the same *newly*)."""
         table = self._bans
-        bulk = BulkLoad(
+        return BulkLoad(
             table.store.compact,
             _Prefilter(count, rate=table.bloom_rate),
             keep=not table.bloom_only,
@@ -931,7 +929,6 @@ class BanCache:
             # exact modes find them in the store built).
             texts=table.bloom_only and newly,
         )
-        return bulk
 
     def replace(
         self,

@@ -898,12 +898,7 @@ class Node:
             due = cache.next_expiry()
             delay = 1.0 if due is None else min(1.0, max(0.0, (due - clock.now()) / 1000))
             await anyio.sleep(delay)
-            steps = cache.expire_steps()  # a sweep of the packed stores, a step at a time
-            while True:
-                try:
-                    next(steps)
-                except StopIteration:
-                    break
+            for _ in cache.expire_steps():  # a sweep of the packed stores, a step at a time
                 await anyio.lowlevel.checkpoint()
             if cache.reload_wanted and self._reader is not None:
                 cache.reload_wanted = False

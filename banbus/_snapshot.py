@@ -29,7 +29,6 @@ from __future__ import annotations
 import socket
 from array import array
 from itertools import repeat
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import anyio
@@ -37,7 +36,7 @@ import msgspec
 
 from ._follower import valid_target
 from ._model import Entry, entries_decoder, entry_decoder
-from ._packed import addresses_of
+from ._packed import _expires_of, addresses_of
 from ._targets import STRICT_PTON
 
 if TYPE_CHECKING:
@@ -53,7 +52,6 @@ __all__ = ["Snapshot", "take"]
 _AF_INET: Final = socket.AF_INET
 _pton: Final = socket.inet_pton
 _ntop: Final = socket.inet_ntop
-_expires_of: Final = attrgetter("expires")
 
 
 class Snapshot(NamedTuple):
