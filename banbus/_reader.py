@@ -276,6 +276,8 @@ class Reader:
         raise ServerError("could not reach a consistent snapshot after 10 attempts")
 
     async def _recompute(self) -> None:
-        """Compute the view's digest in the background, a chunk per loop iteration."""
+        """Compute the view's digest in the background, a chunk per loop iteration
+        (the first after the task that spawned this has gone on)."""
+        await anyio.lowlevel.checkpoint()
         for _ in self._cache.recompute():
             await anyio.lowlevel.checkpoint()

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import json
 import socket
+from array import array
 from typing import TYPE_CHECKING
 
 import anyio
@@ -13,10 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import banbus._packed
 from banbus import Node
 from banbus._cache import BanCache, _HashBits
 from banbus._model import Ban, Entry, Unban
-from banbus._packed import AddressStore, BulkLoad
+from banbus._packed import AddressStore, BulkLoad, sort_keys
 
 from ._helpers import eventually, keys, nodes
 
@@ -204,6 +206,77 @@ def test_a_sweep_in_steps_drops_only_expired_entries_whatever_happens_between(
             assert store.expires_of(v) == model.get(v)
         assert len(store) == len(model)
         assert sorted(store.keys()) == sorted(model)
+
+
+_addresses = st.lists(
+    st.one_of(st.sampled_from([0, 1, 2**31 - 1, 2**31, 2**32 - 1]), st.integers(0, 2**32 - 1)),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(addresses=_addresses, chunk_bits=st.sampled_from([2, 3, 24]), data=st.data())
+def test_sort_keys_sorts_by_address_and_keeps_each_payload(
+    addresses: list[int], chunk_bits: int, data: st.DataObject
+) -> None:
+    """The index keys come out sorted by address (the float sort orders as the ints
+    would, extremes included), each with its own payload, equal addresses in
+    the order given (within a chunk of 2**chunk_bits; chunk_bits 24 is the
+    real one), and the same keys whether made by one sort or by merging
+    per-page runs (BulkLoad)."""
+    given_payloads = data.draw(st.lists(st.integers(0, 2**32 - 1), min_size=len(addresses),
+                                        max_size=len(addresses)))  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(banbus._packed, "_CHUNK_BITS", chunk_bits)
+        for payloads in (None, array("I", given_payloads)):
+            got = sort_keys(array("I", addresses), payloads)
+            pairs = [(x >> 32, x & 0xFFFFFFFF) for x in got]
+            values = list(range(len(addresses))) if payloads is None else given_payloads
+            assert [a for a, _ in pairs] == sorted(addresses)
+            assert sorted(pairs) == sorted(zip(addresses, values, strict=True))
+            if payloads is None or len(addresses) <= 1 << chunk_bits:  # stable
+                stable = sorted(range(len(addresses)), key=addresses.__getitem__)
+                assert pairs == [(addresses[i], values[i]) for i in stable]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pages=st.lists(st.lists(st.integers(0, 50), max_size=12), max_size=6),
+    compact=st.booleans(),
+    chunk_bits=st.sampled_from([3, 24]),
+)
+def test_a_bulk_load_equals_a_load_of_the_last_value_of_each_address(
+    pages: list[list[int]], compact: bool, chunk_bits: int
+) -> None:
+    """Page by page (sorted runs, merged at the end; or past 2**chunk_bits
+    addresses, one sort of them all), a repeated address (HSCAN may return a
+    field twice) keeps one of the values given for it: in order, the last."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(banbus._packed, "_CHUNK_BITS", chunk_bits)
+        bulk = BulkLoad(compact, None, texts=False)
+        given: dict[int, list[Entry]] = {}
+        row = 0
+        for page in pages:
+            entries = []
+            for value in page:
+                row += 1
+                entry = Entry(NOW + row * 1000, f"r{row % 3}", "o", row)
+                given.setdefault(value, []).append(entry)
+                entries.append(entry)
+            bulk.page([str(ipaddress.IPv4Address(v)) for v in page], page, entries)
+        assert (bulk.runs is None) == (row > 1 << chunk_bits)
+        store = bulk.finish()
+    assert len(store) == len(given)
+    for value, entries in given.items():
+        entry = store.get(str(ipaddress.IPv4Address(value)))
+        assert entry is not None
+        if compact:
+            assert entry.expires in {e.expires for e in entries}
+        else:
+            assert entry in entries
+        if row <= 1 << chunk_bits or not compact:
+            assert entry.expires == entries[-1].expires
+            assert compact or entry == entries[-1]
 
 
 def test_bulk_load_keeps_the_last_of_a_repeated_field_and_equals_a_list_load() -> None:
