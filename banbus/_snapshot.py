@@ -35,7 +35,7 @@ import msgspec
 
 from ._follower import valid_target
 from ._model import Entry, entries_decoder, entry_decoder
-from ._packed import _expires_of, addresses_of, column
+from ._packed import _expires_of, addresses_of, column, earliest_of
 from ._targets import STRICT_PTON
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ def _clean_page(targets: list[str], entries: list[Entry], into: BulkLoad, now: i
     except (OSError, ValueError):
         return False
     expires = column("q", map(_expires_of, entries))
-    earliest = min(filter(None, expires), default=0)
+    earliest = earliest_of(expires)
     if earliest and earliest <= now:
         return False
     into.page(targets, addresses_of(blob), entries, expires, earliest)

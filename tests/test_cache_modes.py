@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import json
 import socket
 from array import array
@@ -237,6 +238,13 @@ def test_sort_keys_sorts_by_address_and_keeps_each_payload(
             if payloads is None or len(addresses) <= 1 << chunk_bits:  # stable
                 stable = sorted(range(len(addresses)), key=addresses.__getitem__)
                 assert pairs == [(addresses[i], values[i]) for i in stable]
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=st.lists(st.integers(0, 2**32 - 1) | st.sampled_from([0, 1, 256, 2**24]), max_size=12))
+def test_repeats_finds_adjacent_equal_words(words: list[int]) -> None:
+    raw = array("I", words).tobytes()
+    assert banbus._packed._repeats(raw) == any(a == b for a, b in itertools.pairwise(words))
 
 
 @settings(max_examples=200, deadline=None)
