@@ -1016,7 +1016,6 @@ class BanCache:
             table.store = store
         # Its objects made now, as the store's are (see BulkLoad.finish): the
         # filter was made before the scan, where the scan's objects then went.
-        bulk.flush()
         table.prefilter = bulk.prefilter.moved(bulk.count)
         bulk.prefilter = None
         self._bind()
