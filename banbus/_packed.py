@@ -127,8 +127,9 @@ def _keys_of(ordered: array[float], payloads: array[int] | None, base: int = 0) 
         got = column("I", map(add, array("I", where), repeat(base))).tobytes()
     else:
         part = payloads[base : base + (1 << _CHUNK_BITS)]
-        # Via a list (faster than an array grown from an iterator): made after
-        # the store's objects are, its ints pin no memory arena.
+        # Via a list (faster than an array grown from an iterator; see column):
+        # nothing that stays is made while its million ints live (``out`` was
+        # made before them), so their memory arenas are all freed.
         got = array("I", list(map(part.__getitem__, array("I", where)))).tobytes()
     for k in range(4):
         keys[_byte(k, 8) :: 8] = got[_byte(k, 4) :: 4]
