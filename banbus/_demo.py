@@ -436,7 +436,10 @@ def _report(
     rows.append((first, "scanner", f"first probe answered ({PROBES[0]}), on all four servers"))
     decider = clock.decided[2] if clock.decided is not None else "?"
     for at, who, count, path in clock.counted:
-        if at < t0:
+        # Every report counted before the crossing one, by the count Redis
+        # gave it: under load, one may have been sent after the crossing one
+        # (the nodes report concurrently) and still have been counted first.
+        if count < THRESHOLD:
             counted = f"probe {path} reported: {count}/{THRESHOLD} cluster-wide"
             rows.append((at, who, s.dim(counted)))
     issued = (s.bold(f"probe #{THRESHOLD} crosses the policy: ban {SCANNER_IP} created")
