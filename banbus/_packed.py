@@ -76,6 +76,8 @@ def addresses_of(blob: bytes) -> array[int]:
     return out
 
 
+#: From this many entries, the directory is found by bisecting (see _directory).
+_BISECT_FROM: Final = 400_000
 #: sort_keys sorts positions in chunks of this many bits (2**24: 16.7M addresses).
 _CHUNK_BITS: Final = 24
 _LITTLE: Final = sys.byteorder == "little"
@@ -90,12 +92,15 @@ def _patterns(addresses: array[int], start: int) -> array[float]:
     """Sort keys for *addresses* at positions *start*, *start* + 1, ... (below
     2**24), sorted: doubles whose bit patterns are ``address << 24 | position``.
 
-    Such a double is positive and finite, and doubles order as their bit
-    patterns do; CPython compares doubles twice as fast as 64-bit ints (a
-    million: ~0.22 s against ~0.42 s).  The patterns are put together with
-    strided slices of bytes (in C: no int object per address).
+    With a constant top byte (see below), such a double is positive, normal
+    and finite, and such doubles order as their bit patterns do; CPython
+    compares doubles twice as fast as 64-bit ints (a million: ~0.22 s
+    against ~0.42 s).  The patterns are put together with strided slices of
+    bytes (in C: no int object per address).
     """
     m = len(addresses)
+    if start + m > 1 << 24:
+        raise ValueError("positions past 2**24 do not fit a sort key")
     raw = addresses.tobytes()
     positions = array("I", range(start, start + m)).tobytes()
     pattern = bytearray(8 * m)
@@ -103,6 +108,10 @@ def _patterns(addresses: array[int], start: int) -> array[float]:
         pattern[_byte(k, 8) :: 8] = positions[_byte(k, 4) :: 4]
     for k in range(4):
         pattern[_byte(3 + k, 8) :: 8] = raw[_byte(k, 4) :: 4]
+    # A constant top byte: exponent 0x100-0x10f, never a subnormal double
+    # (which a process with denormals-are-zero set, as some -ffast-math
+    # extensions leave it, would compare as equal) nor NaN or infinity.
+    pattern[_byte(7, 8) :: 8] = b"\x10" * m
     return array("d", sorted(array("d", pattern)))
 
 
@@ -126,7 +135,7 @@ def _keys_of(ordered: array[float], payloads: array[int] | None, base: int = 0) 
     elif payloads is None:  # past 2**24 addresses
         got = column("I", map(add, array("I", where), repeat(base))).tobytes()
     else:
-        part = payloads[base : base + (1 << _CHUNK_BITS)]
+        part = payloads if not base and len(payloads) <= m else payloads[base : base + m]
         # Via a list (faster than an array grown from an iterator; see column):
         # nothing that stays is made while its million ints live (``out`` was
         # made before them), so their memory arenas are all freed.
@@ -138,10 +147,11 @@ def _keys_of(ordered: array[float], payloads: array[int] | None, base: int = 0) 
 
 
 def sort_keys(addresses: array[int], payloads: array[int] | None = None) -> array[int]:
-    """``address << 32 | payload`` for each address, sorted by address (equal
-    addresses in their order in *addresses*, if fewer than 2**24 apart); the
+    """``address << 32 | payload`` for each address, sorted by address; the
     payload is the address's position if *payloads* is None (a row of a
-    store's columns, filled in the same order)."""
+    store's columns, filled in the same order).  Equal addresses come in
+    their order in *addresses*, except past 2**24 addresses with *payloads*:
+    then in payload order (the chunks are merged as ints)."""
     n = len(addresses)
     span = 1 << _CHUNK_BITS
     if n <= span:
@@ -505,9 +515,11 @@ class AddressStore:
         """Make *index* (``address << 32 | payload``, sorted by address) the index.
 
         An address may come twice (HSCAN returns a field twice when the hash
-        is rehashed during the scan): the last of them is kept.  (Either is
-        right: a value that changed between the two reads was changed by a
-        write after the snapshot's watermark, which the catch-up replays.)
+        is rehashed during the scan): the last key of it in *index* is kept,
+        the one read last (in compact mode past 2**24 addresses: the later
+        expiry; see sort_keys).  Keeping either is right: a value that
+        changed between the two reads was changed by a write after the
+        snapshot's watermark, which the catch-up replays.
         """
         if _repeats(array("I", index.tobytes())[_HI::2].tobytes()):
             last = {x >> 32: x for x in index}
@@ -708,7 +720,7 @@ class AddressStore:
             self.directory = array("I")
             return
         n = len(index)
-        if n > 400_000:  # bisecting 65,537 times is cheaper than counting
+        if n > _BISECT_FROM:  # bisecting 65,537 times is cheaper than counting
             # Each from where the last ended, within a few times the mean /16
             # (a third of the compares of a bisect of the whole index).
             width = 4 * (n >> 16) + 64
@@ -839,8 +851,7 @@ class BulkLoad:
             keys = _keys_of(array("d", sorted(self.runs)), payloads)  # a merge of runs
         else:
             keys = sort_keys(self.addresses, payloads)
-        self.addresses = self.payloads = array("I")
-        self.runs = array("d")
+        self.addresses, self.payloads, self.runs = array("I"), array("I"), array("d")
         store = AddressStore(built.compact)
         store._set_index(keys)
         del keys

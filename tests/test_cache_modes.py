@@ -6,7 +6,10 @@ import asyncio
 import ipaddress
 import itertools
 import json
+import math
+import random
 import socket
+import sys
 from array import array
 from typing import TYPE_CHECKING
 
@@ -209,8 +212,10 @@ def test_a_sweep_in_steps_drops_only_expired_entries_whatever_happens_between(
         assert sorted(store.keys()) == sorted(model)
 
 
+#: Addresses at the edges of the sort key's bytes and of its double's exponent.
+_EDGES = [0, 1, 255, 256, 2**24 - 1, 2**24, 2**28 - 1, 2**28, 2**31 - 1, 2**31, 2**32 - 1]
 _addresses = st.lists(
-    st.one_of(st.sampled_from([0, 1, 2**31 - 1, 2**31, 2**32 - 1]), st.integers(0, 2**32 - 1)),
+    st.one_of(st.sampled_from(_EDGES), st.integers(0, 2**32 - 1)),
     max_size=40,
 )
 
@@ -240,6 +245,51 @@ def test_sort_keys_sorts_by_address_and_keeps_each_payload(
                 assert pairs == [(addresses[i], values[i]) for i in stable]
 
 
+def test_sort_keys_uses_every_byte_of_the_position_and_normal_doubles() -> None:
+    """Positions up to 2**24 - 1 come back whole (all three bytes), the sort keys
+    of the extreme addresses are positive normal doubles (no subnormal, which
+    a denormals-are-zero CPU mode would compare as 0), and a sort of 70,000
+    addresses equals the sort of their ints."""
+    addresses = array("I", [2**32 - 1, 0, 2**28, 2**28 - 1, 1])
+    start = 2**24 - len(addresses)
+    ordered = banbus._packed._patterns(addresses, start)
+    assert all(sys.float_info.min <= x < math.inf for x in ordered)
+    keys = banbus._packed._keys_of(ordered, None, 0)
+    expected = sorted((a, start + i) for i, a in enumerate(addresses))
+    assert [(x >> 32, x & 0xFFFFFFFF) for x in keys] == expected
+    with pytest.raises(ValueError):
+        banbus._packed._patterns(addresses, start + 1)
+    rng = random.Random(12)
+    many = array("I", [rng.getrandbits(32) for _ in range(70_000)])
+    assert list(sort_keys(many)) == sorted(a << 32 | i for i, a in enumerate(many))
+
+
+@pytest.mark.parametrize("case", ["dense", "sparse", "edges"])
+def test_the_directory_by_bisection_equals_the_directory_by_counting(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory of a big index (each /16 bisected from where the last ended,
+    within a window) equals the one counted: a /16 fuller than the window,
+    long empty stretches, the last /16."""
+    rng = random.Random(case)
+    if case == "dense":  # a few /16s, one with far more than the window's width
+        values = [10 << 24 | rng.getrandbits(16) for _ in range(3_000)]
+        values += [rng.getrandbits(32) for _ in range(500)]
+    elif case == "sparse":
+        values = [rng.getrandbits(32) for _ in range(2_000)]
+    else:
+        values = [0, 1, 2**16 - 1, 2**16, 2**32 - 2**16, 2**32 - 1, *range(2**32 - 300, 2**32 - 1)]
+    values = sorted(set(values))
+    entries = [Entry(NOW)] * len(values)
+    counted = AddressStore(compact=True)
+    counted.load(values, entries)
+    monkeypatch.setattr(banbus._packed, "_BISECT_FROM", 0)
+    bisected = AddressStore(compact=True)
+    bisected.load(values, entries)
+    assert bisected.directory == counted.directory
+    assert all(bisected.expires_of(str(ipaddress.IPv4Address(v))) == NOW for v in values)
+
+
 @settings(max_examples=300, deadline=None)
 @given(words=st.lists(st.integers(0, 2**32 - 1) | st.sampled_from([0, 1, 256, 2**24]), max_size=12))
 def test_repeats_finds_adjacent_equal_words(words: list[int]) -> None:
@@ -249,7 +299,9 @@ def test_repeats_finds_adjacent_equal_words(words: list[int]) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    pages=st.lists(st.lists(st.integers(0, 50), max_size=12), max_size=6),
+    pages=st.lists(
+        st.lists(st.sampled_from(_EDGES) | st.integers(0, 2**32 - 1), max_size=12), max_size=6
+    ),
     compact=st.booleans(),
     chunk_bits=st.sampled_from([3, 24]),
 )
