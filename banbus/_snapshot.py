@@ -27,6 +27,7 @@ are logged, counted and skipped; they never fail a snapshot.
 from __future__ import annotations
 
 import socket
+from array import array
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
@@ -35,7 +36,7 @@ import msgspec
 
 from ._follower import valid_target
 from ._model import Entry, entries_decoder, entry_decoder
-from ._packed import _expires_of, addresses_of, column, earliest_of
+from ._packed import _expires_of, addresses_of, earliest_of
 from ._targets import STRICT_PTON
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ def _clean_page(targets: list[str], entries: list[Entry], into: BulkLoad, now: i
         blob = b"".join(map(_pton, repeat(_AF_INET), targets))
     except (OSError, ValueError):
         return False
-    expires = column("q", map(_expires_of, entries))
+    expires = array("q", map(_expires_of, entries))
     earliest = earliest_of(expires)
     if earliest and earliest <= now:
         return False
