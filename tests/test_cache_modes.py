@@ -11,6 +11,7 @@ import random
 import socket
 import sys
 from array import array
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
@@ -38,6 +39,23 @@ NOW = 1_800_000_000_000
 _values = st.integers(min_value=0, max_value=40)  # few addresses: many collisions
 
 
+def _shape(expires: int, *, compact: bool) -> int:
+    """An expiry as the store keeps it (compact: rounded up to the second)."""
+    return -(-expires // 1000) * 1000 if compact else expires
+
+
+def _text(value: int) -> str:
+    """The address of a small *value*, one per /12 (spread over the directory)."""
+    return str(ipaddress.IPv4Address(value << 20))
+
+
+def _loaded(compact: bool, expiries: dict[int, int]) -> tuple[AddressStore, dict[str, int]]:
+    """A store loaded with the addresses of *expiries*' values, and its dict model."""
+    store = AddressStore(compact)
+    store.load([v << 20 for v in expiries], [Entry(e, "r", "o", 1) for e in expiries.values()])
+    return store, {_text(v): _shape(e, compact=compact) for v, e in expiries.items()}
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     ops=st.lists(
@@ -57,18 +75,9 @@ def test_store_behaves_like_a_dict(
     """Whatever the mix of writes, merges and sweeps: the store answers as a dict would
     (compact: expiry rounded up to the second)."""
     now = NOW
-
-    def shape(expires: int) -> int:
-        return -(-expires // 1000) * 1000 if compact else expires
-
-    def text(value: int) -> str:
-        return str(ipaddress.IPv4Address(value << 20))
-
-    store = AddressStore(compact)
-    model: dict[str, int] = {}
-    rows = [Entry(NOW + 3_600_000, "r", "o", i) for i in range(len(preload))]
-    store.load([v << 20 for v in preload], rows)
-    model.update({text(v): shape(NOW + 3_600_000) for v in preload})
+    shape = partial(_shape, compact=compact)
+    text = _text
+    store, model = _loaded(compact, {v: NOW + 3_600_000 for v in preload})
     for op, value, ttl in ops:
         address = text(value)
         if op == "put":
@@ -175,18 +184,9 @@ def test_a_sweep_in_steps_drops_only_expired_entries_whatever_happens_between(
     entries expired at its *now* that nothing rewrote, gives up if a merge
     overtook it, and the store's count and keys stay exact throughout."""
     now = NOW + 2_000
-
-    def shape(expires: int) -> int:
-        return -(-expires // 1000) * 1000 if compact else expires
-
-    def text(value: int) -> str:
-        return str(ipaddress.IPv4Address(value << 20))
-
-    store = AddressStore(compact)
-    model: dict[str, int] = {}
-    store.load([v << 20 for v in preload],
-               [Entry(NOW + 1_000 * (v % 4), "r", "o", 1) for v in preload])  # fmt: skip
-    model.update({text(v): shape(NOW + 1_000 * (v % 4)) for v in preload})
+    shape = partial(_shape, compact=compact)
+    text = _text
+    store, model = _loaded(compact, {v: NOW + 1_000 * (v % 4) for v in preload})
     sweep = store.sweep_steps(now, chunk=4)
     for op, value, ttl in ops:
         address = text(value)
