@@ -928,6 +928,7 @@ class BanCache:
             # Only bloom mode finds the newly banned among the texts (the
             # exact modes find them in the store built).
             texts=table.bloom_only and newly,
+            now=self._clock(),
         )
 
     def replace(

@@ -297,33 +297,76 @@ def test_repeats_finds_adjacent_equal_words(words: list[int]) -> None:
     assert banbus._packed._repeats(raw) == any(a == b for a, b in itertools.pairwise(words))
 
 
-@settings(max_examples=200, deadline=None)
+#: Expiries (ms after NOW; 0: permanent) around the compact codes' window: a
+#: load that knows NOW codes seconds from NOW - 60 s up to ~194 days later
+#: (see _codes); the rest go by position.
+_WINDOW = banbus._packed._CODE_MAX * 1000
+_EXPIRIES = [0, 1, 999, 1000, 86_400_000, _WINDOW - 61_000, _WINDOW - 60_000, _WINDOW - 59_000,
+             10 * _WINDOW, -60_000, -59_000, -NOW + 1]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
 @given(
     pages=st.lists(
-        st.lists(st.sampled_from(_EDGES) | st.integers(0, 2**32 - 1), max_size=12), max_size=6
+        st.lists(
+            st.tuples(
+                st.sampled_from(_EDGES) | st.integers(0, 2**32 - 1),
+                st.sampled_from(_EXPIRIES) | st.integers(-NOW + 1, 20 * _WINDOW),
+            ),
+            max_size=12,
+        ),
+        max_size=6,
     ),
     compact=st.booleans(),
     chunk_bits=st.sampled_from([3, 24]),
+    knows_now=st.booleans(),
 )
-def test_a_bulk_load_equals_a_load_of_the_last_value_of_each_address(
-    pages: list[list[int]], compact: bool, chunk_bits: int
+def test_a_bulk_load_keeps_one_value_of_each_address_and_every_expiry_exact(
+    pages: list[list[tuple[int, int]]], compact: bool, chunk_bits: int, knows_now: bool
 ) -> None:
     """Page by page (sorted runs, merged at the end; or past 2**chunk_bits
-    addresses, one sort of them all), a repeated address (HSCAN may return a
-    field twice) keeps one of the values given for it: in order, the last."""
+    addresses, one sort of them all), each address keeps one of the values
+    given for it (HSCAN may return a field twice): in full mode the last; in
+    compact mode the latest expiry, a permanent one losing to any other.
+    Compact mode sorts a page by expiry codes if the page fits the codes'
+    window, else by position; its expiries come back to the second either
+    way, with or without the load's time."""
+    code_max = banbus._packed._CODE_MAX
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(banbus._packed, "_CHUNK_BITS", chunk_bits)
-        bulk = BulkLoad(compact, None, texts=False)
+        bulk = BulkLoad(compact, None, texts=False, now=NOW if knows_now else 0)
         given: dict[int, list[Entry]] = {}
         row = 0
+        base = NOW // 1000 - 60 if knows_now else 0
+        fixed = False
         for page in pages:
             entries = []
-            for value in page:
+            for value, after in page:
                 row += 1
-                entry = Entry(NOW + row * 1000, f"r{row % 3}", "o", row)
+                entry = Entry(NOW + after if after else 0, f"r{row % 3}", "o", row)
                 given.setdefault(value, []).append(entry)
                 entries.append(entry)
-            bulk.page([str(ipaddress.IPv4Address(v)) for v in page], page, entries)
+            before = len(bulk.coded or ()), len(bulk.runs or ())
+            bulk.page([str(ipaddress.IPv4Address(v)) for v, _ in page], [v for v, _ in page],
+                      entries)  # fmt: skip
+            if not compact or bulk.runs is None:
+                assert not bulk.coded
+                continue
+            # Which path the page took: the codes if it fits the window (from a
+            # minute before the load's time or, if the first expiries do not
+            # fit there, before them), else its positions.
+            seconds = [-(-e.expires // 1000) for e in entries if e.expires]
+            if seconds and not fixed:
+                fixed = True
+                if not all(base < x <= base + code_max for x in seconds):
+                    base = max(0, min(seconds) - 60)
+            outside = sum(1 for x in seconds if x > base + code_max)
+            if any(x <= base for x in seconds) or outside > len(page) >> 6:
+                went = (0, len(page))
+            else:  # a few outside the window: those alone by position
+                went = (len(page) - outside, outside)
+            after_page = len(bulk.coded or ()), len(bulk.runs)
+            assert (after_page[0] - before[0], after_page[1] - before[1]) == went
         assert (bulk.runs is None) == (row > 1 << chunk_bits)
         store = bulk.finish()
     assert len(store) == len(given)
@@ -331,12 +374,71 @@ def test_a_bulk_load_equals_a_load_of_the_last_value_of_each_address(
         entry = store.get(str(ipaddress.IPv4Address(value)))
         assert entry is not None
         if compact:
-            assert entry.expires in {e.expires for e in entries}
+            seconds = [-(-e.expires // 1000) for e in entries]
+            assert entry == Entry(max(seconds) * 1000)
         else:
-            assert entry in entries
-        if row <= 1 << chunk_bits or not compact:
-            assert entry.expires == entries[-1].expires
-            assert compact or entry == entries[-1]
+            assert entry == entries[-1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=st.lists(st.integers(0, 2**64 - 1), max_size=300), few=st.integers(0, 12),
+       data=st.data())  # fmt: skip
+def test_merged_keys_equal_a_sort_of_both(first: list[int], few: int, data: st.DataObject) -> None:
+    """Index keys merged: a few into many (a bisect each) or as a sort of two runs."""
+    keys = (
+        st.sampled_from(first) | st.integers(0, 2**64 - 1) if first else st.integers(0, 2**64 - 1)
+    )
+    second = data.draw(st.lists(keys, min_size=few,
+                                max_size=few if data.draw(st.booleans()) else 300))  # fmt: skip
+    got = banbus._packed._merged(array("Q", sorted(first)), array("Q", sorted(second)))
+    assert list(got) == sorted(first + second)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.integers(0, 2**32 - 1 - banbus._packed._CODE_MAX),
+    offsets=st.lists(st.sampled_from([0, 1, 2, 255, 256, 2**16, banbus._packed._CODE_MAX])
+                     | st.integers(0, banbus._packed._CODE_MAX), max_size=20),
+)  # fmt: skip
+def test_expiry_codes_fit_the_sort_key_and_come_back_whole(base: int, offsets: list[int]) -> None:
+    """Each expiry in base + 1 .. base + _CODE_MAX codes to 1 .. _CODE_MAX (it fits
+    the sort key's low 24 bits), 0 (permanent) to 0, and decodes to itself,
+    every byte of it (big ints and byte lanes, in either byte order)."""
+    seconds = array("I", [base + x if x else 0 for x in offsets])
+    codes = array("I", banbus._packed._codes(seconds, base))
+    assert list(codes) == offsets
+    assert banbus._packed._seconds_of(codes.tobytes(), base) == seconds.tobytes()
+    flags = banbus._packed._nonzero(seconds.tobytes()).to_bytes(4 * len(seconds), sys.byteorder)
+    assert list(array("I", flags)) == [1 if s else 0 for s in seconds]
+
+
+@pytest.mark.parametrize("far", [0, 1, 15, 16, 1000])
+def test_a_page_with_a_few_long_bans_sorts_only_those_by_position(far: int) -> None:
+    """A page of 1,000 where *far* bans last longer than the codes' window: up to
+    1/64 of the page, those alone go by position (the rest by code), beyond
+    that the whole page; the store is exact either way, repeated addresses
+    included (each keeps its latest expiry)."""
+    rng = random.Random(far)
+    day = 86_400_000
+    values = [rng.getrandbits(32) for _ in range(1000)]
+    values[10:20] = values[500:510]  # repeated in the same page
+    ttls = [rng.choice([0, 60_000, 30 * day]) for _ in values]
+    for i in rng.sample(range(1000), far):
+        ttls[i] = rng.choice([200 * day, 3650 * day])
+    bulk = BulkLoad(True, None, texts=False, now=NOW)
+    entries = [Entry(NOW + t if t else 0) for t in ttls]
+    bulk.page([str(ipaddress.IPv4Address(v)) for v in values], values, entries)
+    assert bulk.runs is not None and bulk.coded is not None
+    by_position = far if far <= 1000 >> 6 else 1000
+    assert (len(bulk.coded), len(bulk.runs)) == (1000 - by_position, by_position)
+    latest: dict[int, int] = {}
+    for v, e in zip(values, entries, strict=True):
+        latest[v] = max(latest.get(v, 0), -(-e.expires // 1000))
+    store = bulk.finish()
+    assert len(store) == len(latest) == 990
+    assert all(
+        store.get(str(ipaddress.IPv4Address(v))) == Entry(x * 1000) for v, x in latest.items()
+    )
 
 
 def test_bulk_load_keeps_the_last_of_a_repeated_field_and_equals_a_list_load() -> None:
@@ -601,6 +703,38 @@ def test_exact_modes_rebuild_the_filter_as_they_grow_without_losing_anything() -
         assert not cache._bans.store.overlay
         assert all(cache.is_banned(t) for t in targets[::97])
         assert not cache.is_banned("192.0.2.1")
+
+
+@pytest.mark.anyio
+async def test_a_compact_bootstrap_knows_every_expiry_to_the_second(
+    redis_url: str, namespace: str, admin: aioredis.Redis
+) -> None:
+    """Bans of every length, mixed within the scan's pages and across them: a
+    compact node's bootstrap (sort keys carrying the expiry for bans of up to
+    ~190 days, by position for the rest) knows each expiry to the second, as
+    the full node's exact one rounded up; a repeated bootstrap (a resync)
+    too."""
+    day = 86_400
+    ttls = [0, 60, 3600, 100 * day, 193 * day, 195 * day, 400 * day, 3650 * day]
+    async with nodes(redis_url, namespace, 1) as (a,):
+        for i in range(150):
+            await a.ban(f"10.{i % 7}.{i}.{i % 5}", ttls[i * 7 % len(ttls)])
+        async with (
+            Node(redis_url, namespace=namespace, node_id="full", scan_count=16) as full,
+            Node(redis_url, namespace=namespace, node_id="small", cache="compact",
+                 scan_count=16) as small,
+        ):  # fmt: skip
+            exact = {r.target: r.expires for r in full.bans()}
+            assert len(exact) == 150
+            assert sorted({bool(e) for e in exact.values()}) == [False, True]
+            want = {t: -(-e // 1000) * 1000 for t, e in exact.items()}
+            assert {r.target: r.expires for r in small.bans()} == want
+            record = small.lookup("10.6.6.1")
+            assert record is not None and record.expires == want["10.6.6.1"]
+            resyncs = small.statistics().resyncs
+            await admin.set(f"{{{namespace}}}:epoch", "reset")  # the record was replaced
+            await eventually(lambda: small.statistics().resyncs > resyncs, 10.0, "a resync")
+            assert {r.target: r.expires for r in small.bans()} == want
 
 
 # -- bloom mode on a real node -----------------------------------------------------------
