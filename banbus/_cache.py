@@ -892,9 +892,10 @@ class BanCache:
     ) -> None:
         """:meth:`store_address` of a burst's bans, column by column: distinct
         canonical IPv4 addresses, none expired at *now*, *earliest* the
-        earliest non-zero expiry (0: none).  The same state results as from
-        storing them one by one (the overlay may pass its limit by the batch
-        before the merge)."""
+        earliest non-zero expiry (0: none).  The same records result as from
+        storing them one by one; the bookkeeping may differ in when it runs
+        (the overlay may pass its limit by the batch before the merge, a worn
+        filter is rebuilt after the batch, interning stops a batch early)."""
         table = self._bans
         prefilter = table.prefilter
         assert prefilter is not None
@@ -905,19 +906,22 @@ class BanCache:
             entries = list(map(Entry, map(mul, seconds, repeat(1000))))
         else:
             strings = self._strings
-            if len(strings) < 65536:
+            if len(strings) + 2 * len(targets) <= 65536:
                 reasons = list(map(strings.setdefault, reasons, reasons))
                 origins = list(map(strings.setdefault, origins, origins))
             entries = list(map(Entry, expires, reasons, origins, seqs))
         if table.bloom_only:  # known exactly from now on (no digest in bloom mode)
             exact = table.exact
-            known = len(exact)
+            # (Absent, or known absent: what makes the per-event path look at wear.)
+            fresh = None in map(exact.get, targets)
             exact.update(zip(targets, entries, strict=True))
             if earliest:
+                # (A rebuild of the wheel meanwhile holds the batch already: the
+                # repeats are stale items, which the wheel tolerates and bounds.)
                 for target, at in zip(targets, expires, strict=True):
                     if at:
                         self._wheel_add(True, target, at)
-            if known < len(exact) > prefilter.known_max:
+            if fresh and len(exact) > prefilter.known_max:
                 self._check_wear()
             return
         overlay = store.overlay

@@ -445,7 +445,8 @@ class Follower:
         per-event path watches (own writes, re-seeds, forged ids).  The
         checks and the apply are ``map``/``zip``/``countOf`` over the columns
         (in C: no Python frame per event), and give what the per-event path
-        gives (``tests/test_trust.py`` compares the two).
+        gives (``tests/test_cache_modes.py`` compares the two).  Listeners
+        hear of the batch's bans once all are stored.
         """
         publisher, reseeder = self._publisher, self._reseeder
         if publisher.slots_b or publisher.slots_a or reseeder.held_b or reseeder.held_a:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from itertools import chain
-from operator import countOf, itemgetter
+from operator import countOf
 from typing import TYPE_CHECKING, Annotated, Final, Literal, TypeAlias
 
 import msgspec
@@ -176,8 +176,6 @@ def _text(fields: dict[str, str], name: str, max_bytes: int) -> str:
 
 #: A ban/allow entry's field names, in the function library's order.
 _BAN_FIELDS: Final = ("op", "target", "expires", "reason", "origin", "eid", "seq")
-#: A ban/allow entry's field names, from its flat field list.
-_NAMES: Final = itemgetter(*range(0, 14, 2))
 #: Lengths (characters) within the byte limits whatever the characters.
 _REASON_CHARS: Final = MAX_REASON_BYTES // 4
 _ORIGIN_CHARS: Final = MAX_ORIGIN_BYTES // 4

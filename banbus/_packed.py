@@ -44,6 +44,7 @@ from operator import (
     countOf,
     floordiv,
     ge,
+    gt,
     mod,
     not_,
     rshift,
@@ -931,11 +932,12 @@ class BulkLoad:
         first = -(-earliest // 1000)  # the earliest second that is not 0
         if first and not tally[3]:  # the first expiry: the base is fixed
             # A minute before the load's time, *now* (a snapshot leaves the
-            # expired out: all come later) or, if this page does not fit the
-            # window from there, before its earliest expiry (a load of long
-            # bans, or no *now*).
+            # expired out: all come later) or, if more than a few of this
+            # page's expiries fall outside the window from there, before its
+            # earliest one (a load of long bans, or no *now*).
             base = tally[2]
-            if not base < first <= max(seconds) <= base + _CODE_MAX:
+            beyond = countOf(map(gt, seconds, repeat(base + _CODE_MAX)), True)
+            if first <= base or beyond > len(seconds) >> 6:
                 base = max(0, first - 60)
             tally[2], tally[3] = base, 1
         base = tally[2]

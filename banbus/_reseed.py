@@ -83,6 +83,8 @@ log = logging.getLogger("banbus")
 _BATCH: Final = 500
 #: The re-seed lock lives this long unless refreshed (ms).
 _LOCK_MS: Final = 10_000
+#: Entries an anti-entropy comparison reads first (see AntiEntropy.check).
+_CHECK_COUNT: Final = 2000
 
 
 class Reseeder:
@@ -308,13 +310,17 @@ class AntiEntropy:
         self._follower.suspect = False
         cutoff = (self._clock.now() // 1000 + 2) * 1000
         follower = self._follower
+        # As many as the follower read per call before its reads shrank to
+        # 256: a few hundred events landing meanwhile must not make every
+        # comparison under steady traffic give up.
+        count = max(follower.batch, _CHECK_COUNT)
         state: list[Any] = ["skipped", None]
 
         def on_read(reply: Any) -> None:
             entries = reply[0][1] if reply else []
             if entries and not follower.apply(entries):
                 state[0] = "anomaly"
-            elif len(entries) >= follower.batch:
+            elif len(entries) >= count:
                 state[0] = "behind"
 
         def on_digest(reply: Any) -> None:
@@ -324,7 +330,7 @@ class AntiEntropy:
             # else: writes landed in between, or the library is busy: later
 
         with anyio.fail_after(10.0):
-            read = conn.call("XREAD", "COUNT", follower.batch, "STREAMS", self._keys.log,
+            read = conn.call("XREAD", "COUNT", count, "STREAMS", self._keys.log,
                              follower.cursor, sink=on_read)  # fmt: skip
             digest = conn.call("FCALL_RO", "banbus_digest", 1, self._keys.function_key, cutoff,
                                sink=on_digest)  # fmt: skip
