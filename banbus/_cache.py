@@ -48,13 +48,13 @@ import time
 from array import array
 from collections import deque
 from itertools import repeat
-from operator import countOf, floordiv, mul, neg
+from operator import countOf, mul
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from ._digest import Digest, entry_hash
 from ._keys import DIGEST_EXCLUDE_LIMIT, DIGEST_P1, DIGEST_P2
 from ._model import Allow, Ban, BanRecord, Clear, Disallow, Entry, StreamEvent, Unban
-from ._packed import AddressStore, BulkLoad, addresses_of
+from ._packed import AddressStore, BulkLoad, addresses_of, seconds_of
 from ._targets import normalize_peer
 
 _RBloom: Any
@@ -902,8 +902,7 @@ class BanCache:
         store = table.store
         entries: list[Entry]
         if store.compact and not table.bloom_only:
-            seconds = map(neg, map(floordiv, map(neg, expires), repeat(1000)))
-            entries = list(map(Entry, map(mul, seconds, repeat(1000))))
+            entries = list(map(Entry, map(mul, seconds_of(expires), repeat(1000))))
         else:
             strings = self._strings
             if len(strings) + 2 * len(targets) <= 65536:

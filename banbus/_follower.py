@@ -67,6 +67,7 @@ import msgspec
 
 from ._exceptions import InvalidInput
 from ._model import Ban, Clear, Notice, TargetEvent, Unban, ban_columns, ban_fields, decode_flat
+from ._packed import earliest_of
 from ._targets import STRICT_PTON, parse_target
 
 if TYPE_CHECKING:
@@ -460,10 +461,10 @@ class Follower:
         if columns is None or (self._forged and not self._forged.isdisjoint(ids)):
             return False
         targets, expiries, reasons, origins, numbers = columns
-        if numbers[0] != self.seq + 1 or numbers != list(range(self.seq + 1, self.seq + 1 + n)):
+        if numbers != list(range(self.seq + 1, self.seq + 1 + n)):
             return False
         now = self._clock.now()
-        earliest = min(filter(None, expiries), default=0)
+        earliest = earliest_of(expiries)
         if earliest and earliest <= now:
             return False
         try:

@@ -146,14 +146,20 @@ def _words(data: bytes | bytearray) -> int:
     return int.from_bytes(data, sys.byteorder)
 
 
-def _nonzero(data: bytes | bytearray) -> int:
-    """The native 32-bit words of *data* that are not 0, as 1s (see _words)."""
+def _fold(data: bytes | bytearray) -> bytes:
+    """The four bytes of each 4-byte word of *data* ORed together, a byte per
+    word (0: the word is 0), with big ints, in C."""
     m = len(data) // 4
     fold = 0
     for k in range(4):
         fold |= int.from_bytes(data[k::4], "little")
-    flags = bytearray(4 * m)
-    flags[_byte(0, 4) :: 4] = fold.to_bytes(m, "little").translate(_NONZERO)
+    return fold.to_bytes(m, "little")
+
+
+def _nonzero(data: bytes | bytearray) -> int:
+    """The native 32-bit words of *data* that are not 0, as 1s (see _words)."""
+    flags = bytearray(len(data))
+    flags[_byte(0, 4) :: 4] = _fold(data).translate(_NONZERO)
     return _words(flags)
 
 
@@ -166,7 +172,7 @@ def _codes(seconds: array[int], base: int) -> bytes:
     return (_words(raw) - base * _nonzero(raw)).to_bytes(len(raw), sys.byteorder)
 
 
-def _seconds_of(codes: bytes | bytearray, base: int) -> bytes:
+def _decoded(codes: bytes | bytearray, base: int) -> bytes:
     """The inverse of :func:`_codes`."""
     return (_words(codes) + base * _nonzero(codes)).to_bytes(len(codes), sys.byteorder)
 
@@ -195,7 +201,7 @@ def _keys_of(
     for k in range(3):
         where[_byte(k, 4) :: 4] = raw[_byte(k, 8) :: 8]
     if codes_from is not None:
-        got: bytes | bytearray = _seconds_of(where, codes_from)
+        got: bytes | bytearray = _decoded(where, codes_from)
     elif payloads is None and not base:
         got = where
     elif payloads is None:  # past 2**24 addresses
@@ -267,20 +273,16 @@ def _repeats(words: bytes) -> bool:
     if n < 1:
         return False
     xor = int.from_bytes(words[:-4], "little") ^ int.from_bytes(words[4:], "little")
-    diff = xor.to_bytes(4 * n, "little")
-    fold = 0
-    for k in range(4):
-        fold |= int.from_bytes(diff[k::4], "little")
-    return b"\0" in fold.to_bytes(n, "little")
+    return b"\0" in _fold(xor.to_bytes(4 * n, "little"))
 
 
-def earliest_of(expires: array[int]) -> int:
+def earliest_of(expires: Sequence[int]) -> int:
     """The earliest non-zero expiry (0: none), in C."""
     low = min(expires, default=0)
     return low if low else min(filter(None, expires), default=0)
 
 
-def _seconds(expires: Iterable[int]) -> array[int]:
+def seconds_of(expires: Iterable[int]) -> array[int]:
     """The expiries (ms) rounded up to whole seconds (the compact payload), in C."""
     return array("I", map(floordiv, map(add, expires, repeat(999)), repeat(1000)))
 
@@ -589,7 +591,7 @@ class AddressStore:
         mode None, their records appended as rows (the payload is the row, the
         position: see :func:`sort_keys`)."""
         if self.compact:
-            return _seconds(expires)
+            return seconds_of(expires)
         self._append_rows(entries, expires)
         return None
 

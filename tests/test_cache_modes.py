@@ -600,7 +600,7 @@ def test_expiry_codes_fit_the_sort_key_and_come_back_whole(base: int, offsets: l
     seconds = array("I", [base + x if x else 0 for x in offsets])
     codes = array("I", banbus._packed._codes(seconds, base))
     assert list(codes) == offsets
-    assert banbus._packed._seconds_of(codes.tobytes(), base) == seconds.tobytes()
+    assert banbus._packed._decoded(codes.tobytes(), base) == seconds.tobytes()
     flags = banbus._packed._nonzero(seconds.tobytes()).to_bytes(4 * len(seconds), sys.byteorder)
     assert list(array("I", flags)) == [1 if s else 0 for s in seconds]
 
