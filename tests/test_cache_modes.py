@@ -50,6 +50,16 @@ def _text(value: int) -> str:
     return str(ipaddress.IPv4Address(value << 20))
 
 
+def _host(value: int) -> str:
+    """The address of a small *value*, in one /24 (the follower tests' targets)."""
+    return f"198.51.100.{value}"
+
+
+def _records(cache: BanCache, kind: str = "ban") -> list[object]:
+    """A cache's records of *kind*, by target (to compare two caches)."""
+    return sorted(cache.records(kind), key=lambda r: r.target)  # type: ignore[arg-type]
+
+
 def _loaded(compact: bool, expiries: dict[int, int]) -> tuple[AddressStore, dict[str, int]]:
     """A store loaded with the addresses of *expiries*' values, and its dict model."""
     store = AddressStore(compact)
@@ -127,18 +137,15 @@ def test_the_followers_fast_path_stores_what_apply_stores(
     the cache exactly as :meth:`BanCache.apply` does, in every mode."""
     from banbus._model import Allow
 
-    def text(value: int) -> str:
-        return f"198.51.100.{value}"
-
     clock = [NOW]
     caches = []
     for _ in range(2):
         cache = BanCache(lambda: clock[0], mode=mode, digest=mode != "bloom")  # type: ignore[arg-type]
-        cache.replace([(text(v), Entry(NOW + 3_600_000, "list", "n0", 1)) for v in preload], [])
+        cache.replace([(_host(v), Entry(NOW + 3_600_000, "list", "n0", 1)) for v in preload], [])
         caches.append(cache)
     fast, slow = caches
     for seq, (op, value, ttl) in enumerate(events, 2):
-        target, expires = text(value), NOW + ttl if ttl else 0
+        target, expires = _host(value), NOW + ttl if ttl else 0
         if op == "unban":
             fast.apply(Unban(target=target, seq=seq))
             slow.apply(Unban(target=target, seq=seq))
@@ -147,22 +154,19 @@ def test_the_followers_fast_path_stores_what_apply_stores(
         slow.apply(cls(target=target, expires=expires, reason="r", origin="o", seq=seq), NOW)
         fast.store_address(op == "ban", target, expires, "r", "o", seq, NOW)
 
-    def records(cache: BanCache, kind: str = "ban") -> list[object]:
-        return sorted(cache.records(kind), key=lambda r: r.target)  # type: ignore[arg-type]
-
     for kind in ("ban", "allow"):
-        assert records(fast, kind) == records(slow, kind)
+        assert _records(fast, kind) == _records(slow, kind)
     for value in range(31):
-        assert fast.is_banned(text(value)) == slow.is_banned(text(value))
+        assert fast.is_banned(_host(value)) == slow.is_banned(_host(value))
     assert fast.ban_count == slow.ban_count and fast.allow_count == slow.allow_count
     if mode != "bloom":
         assert fast.digest(NOW) == slow.digest(NOW)
     fast.settle()
     slow.settle()
-    assert records(fast) == records(slow)
+    assert _records(fast) == _records(slow)
     clock[0] = NOW + 3_700_000  # everything timed has expired: the same is swept
     assert fast.expire(force=True) == slow.expire(force=True)
-    assert fast.ban_count == slow.ban_count and records(fast) == records(slow)
+    assert fast.ban_count == slow.ban_count and _records(fast) == _records(slow)
 
 
 def _ban_entry(i: int, seq: int, target: str, expires: int, *, op: str = "ban") -> list[object]:
@@ -220,10 +224,7 @@ def test_the_column_path_applies_what_the_per_event_path_applies(
     where the per-event one does: the return value, position, statistics,
     notifications, records, digest, and what a settle and a sweep leave."""
 
-    def text(value: int) -> str:
-        return f"198.51.100.{value}"
-
-    columns, events = _followers(mode, [text(v) for v in preload])
+    columns, events = _followers(mode, [_host(v) for v in preload])
     heard: list[list[str]] = [[], []]
     for node, out in zip((columns, events), heard, strict=True):
         node.subscribe(out.append)
@@ -236,7 +237,7 @@ def test_the_column_path_applies_what_the_per_event_path_applies(
             seq += kind != "seq-repeat"
             seq += kind == "seq-gap"
             target = {"not-canonical": f"198.51.100.0{value}",
-                      "network": f"198.51.{value}.0/24"}.get(kind, text(value))  # fmt: skip
+                      "network": f"198.51.{value}.0/24"}.get(kind, _host(value))  # fmt: skip
             # (Far from now: the two nodes read the clock at different times.)
             expires = {"ban-expired": now - 60_000, "ban-permanent": 0}.get(
                 kind, now + 60_000 * (value + 1)
@@ -272,21 +273,18 @@ def test_the_column_path_applies_what_the_per_event_path_applies(
     assert heard[0] == heard[1]
     x, y = columns._cache, events._cache
 
-    def records(cache: BanCache, kind: str = "ban") -> list[object]:
-        return sorted(cache.records(kind), key=lambda r: r.target)  # type: ignore[arg-type]
-
     for kind in ("ban", "allow"):
-        assert records(x, kind) == records(y, kind)
+        assert _records(x, kind) == _records(y, kind)
     assert x.ban_count == y.ban_count and x.allow_count == y.allow_count
     for value in range(13):
-        assert x.is_banned(text(value)) == y.is_banned(text(value))
+        assert x.is_banned(_host(value)) == y.is_banned(_host(value))
     if mode != "bloom":
         assert x.digest(now) == y.digest(now) is not None
     x.settle()
     y.settle()
-    assert records(x) == records(y)
+    assert _records(x) == _records(y)
     assert x.expire(now + 3_600_000 * 24, force=True) == y.expire(now + 3_600_000 * 24, force=True)
-    assert records(x) == records(y)
+    assert _records(x) == _records(y)
 
 
 def test_a_bloom_batch_of_bans_of_targets_known_absent_asks_for_the_reload() -> None:
@@ -655,8 +653,7 @@ def test_bulk_load_keeps_the_last_of_a_repeated_field_and_equals_a_list_load() -
         assert isinstance(bulk, BulkLoad)
         assert sorted(bulk.targets()) == sorted(t for p in pages for t, _ in p)
         by_bulk.replace(bulk, [])
-        key = lambda r: r.target  # noqa: E731
-        assert sorted(by_bulk.records(), key=key) == sorted(by_list.records(), key=key), mode
+        assert _records(by_bulk) == _records(by_list), mode
         assert by_bulk.entry("ban", "203.0.113.7") == by_list.entry("ban", "203.0.113.7")
         assert by_bulk.is_banned("10.1.2.3") and by_bulk.is_banned("198.51.100.1")
         assert by_bulk.ban_count == 3
