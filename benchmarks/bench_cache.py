@@ -419,7 +419,7 @@ async def run_memory(ctx: Context) -> list[Result]:
                "with ~1-2 MB of the process's heap, whatever the size; see the 10M row)"),
         Result("bloom_filter_bytes_per_entry", bloom["filter_bytes_per_entry"], "B",
                out["rbloom"]["bytes_per_entry"], "rbloom alone (RSS), same capacity",
-               ("<=", 2.0), note="cache='bloom': the filter's own size, 1M entries"),
+               ("<=", 2.0), note=f"cache='bloom': the filter's own size, {label} entries"),
         Result("memory_bytes_per_ban_setint", out["setint"]["bytes_per_entry"], "B",
                plain["bytes_per_entry"], f"plain set of {label} str",
                note="baseline: set[int] of the addresses"),
